@@ -1,0 +1,46 @@
+"""Shared fixtures: small real data (scikit-learn digits) as RGB images."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XCEPTION_WEIGHTS = os.path.join(
+    os.path.dirname(REPO), "shared", "weights", "xception_imagenet_notop.weights.h5"
+)
+
+
+def digits_rgb(size=32, classes=None, seed=0):
+    """scikit-learn digits as uint8 RGB images of `size` x `size`, with int labels."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.images, digits.target
+    if classes is not None:
+        keep = np.isin(y, classes)
+        x, y = x[keep], y[keep]
+        y = np.searchsorted(np.asarray(sorted(classes)), y)
+    x = (x / 16.0 * 255.0).astype("float32")[..., None]
+    x = tf.image.resize(x, (size, size), method="bilinear").numpy()
+    x = np.repeat(np.clip(x, 0, 255).astype("uint8"), 3, axis=-1)
+    order = np.random.default_rng(seed).permutation(len(x))
+    return x[order], y[order].astype("int32")
+
+
+@pytest.fixture(autouse=True)
+def _reset_keras_state():
+    import keras
+
+    policy = keras.mixed_precision.global_policy().name
+    yield
+    keras.mixed_precision.set_global_policy(policy)
+    keras.backend.clear_session()
+
+
+@pytest.fixture(scope="session")
+def digits32():
+    return digits_rgb(32)

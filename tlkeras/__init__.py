@@ -1,0 +1,45 @@
+"""tlkeras: transfer learning for Keras 3 on TensorFlow.
+
+Every model tlkeras builds takes raw RGB pixels in [0, 255] (uint8 or float);
+the architecture's own preprocessing is part of the model.
+
+Example:
+
+>>> import tlkeras
+>>> model = tlkeras.build_transfer_model("MobileNetV2", num_classes=5,
+...                                      input_shape=(96, 96, 3), weights=None)
+>>> model.output_shape
+(None, 5)
+"""
+
+import os as _os
+
+_backend = _os.environ.get("KERAS_BACKEND", "tensorflow")
+if _backend != "tensorflow":
+    raise ImportError(
+        "tlkeras needs Keras 3 with the TensorFlow backend, but KERAS_BACKEND="
+        f"{_backend!r}. Unset KERAS_BACKEND or set KERAS_BACKEND=tensorflow "
+        "before importing keras or tlkeras."
+    )
+
+import keras as _keras  # noqa: E402
+
+if _keras.backend.backend() != "tensorflow":  # e.g. set in ~/.keras/keras.json
+    raise ImportError(
+        "tlkeras needs Keras 3 with the TensorFlow backend, but Keras is "
+        f"configured with {_keras.backend.backend()!r} (see ~/.keras/keras.json "
+        "or KERAS_BACKEND). Set KERAS_BACKEND=tensorflow."
+    )
+
+__version__ = "0.1.0"
+
+from tlkeras import backbones  # noqa: E402,F401
+from tlkeras.layers import ImagePreprocessing  # noqa: E402,F401
+from tlkeras.models import (  # noqa: E402,F401
+    build_transfer_model,
+    freeze,
+    get_base,
+    split_model,
+    trainable_summary,
+    unfreeze,
+)
