@@ -43,3 +43,10 @@ from tlkeras.models import (  # noqa: E402,F401
     trainable_summary,
     unfreeze,
 )
+from tlkeras import data  # noqa: E402,F401
+from tlkeras.features import (  # noqa: E402,F401
+    FeatureSet,
+    extract_features,
+    features_dataset,
+    fit_sklearn,
+)

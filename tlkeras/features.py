@@ -1,0 +1,206 @@
+"""Feature cache: run the frozen base once, then train the head on its features.
+
+With the base frozen and no augmentation, every epoch of head training sees
+the same pooled features, so computing them once gives the same head weights
+(see ``tests/test_features.py``) at a fraction of the cost.
+
+Example:
+
+>>> model = tlkeras.build_transfer_model("MobileNetV2", 5, input_shape=(96, 96, 3))
+>>> train = extract_features(model, train_ds, cache_dir="feature_cache")
+>>> val = extract_features(model, val_ds, cache_dir="feature_cache")
+>>> _, head = tlkeras.split_model(model)
+>>> head.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+>>> head.fit(features_dataset(train), validation_data=features_dataset(val), epochs=10)
+>>> model.predict(images)  # the head trained in place: model is ready to use
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FeatureSet", "extract_features", "features_dataset", "fit_sklearn", "sklearn_labels"]
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """Pooled features ``(N, D)`` float32 and their labels (or None).
+
+    Unpacks as ``features, labels = feature_set``; ``cache_path`` is the
+    ``.npz`` file it was saved to or loaded from (None when in memory only).
+    """
+
+    features: np.ndarray
+    labels: np.ndarray | None
+    cache_path: str | None = None
+
+    def __iter__(self):
+        return iter((self.features, self.labels))
+
+    def __len__(self):
+        return len(self.features)
+
+
+def _extractor(model_or_base):
+    """image -> feature vector model."""
+    if not isinstance(model_or_base, keras.Model):
+        raise TypeError("extract_features: expected a keras.Model (a tlkeras transfer model or "
+                        f"a base), received {type(model_or_base).__name__}.")
+    names = {layer.name for layer in model_or_base.layers}
+    if "features" in names and "predictions" in names:
+        from tlkeras.models import split_model
+
+        return split_model(model_or_base)[0]
+    if len(model_or_base.output.shape) == 4:  # a base without pooling: average-pool it
+        inputs = keras.Input(tuple(model_or_base.inputs[0].shape[1:]), name="image")
+        pooled = keras.layers.GlobalAveragePooling2D(name="features")(
+            model_or_base(inputs, training=False))
+        return keras.Model(inputs, pooled, name=f"{model_or_base.name}_features")
+    return model_or_base
+
+
+def _cache_key(extractor, dataset, key):
+    file_paths = getattr(dataset, "file_paths", None)
+    if file_paths is None and key is None:
+        raise ValueError(
+            "extract_features(cache_dir=...) needs to know which data it caches: pass a dataset "
+            "with a `file_paths` attribute (tlkeras.data.from_directory / from_csv) or key='...' "
+            "naming the data (change it whenever the data change).")
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "model": extractor.name,
+        "input_shape": [list(map(str, i.shape)) for i in extractor.inputs],
+        "weights": [(w.path, list(w.shape)) for w in extractor.weights],
+        "element_spec": str(dataset.element_spec),
+        "file_paths": list(file_paths) if file_paths is not None else None,
+        "key": key,
+    }, default=str).encode())
+    for w in extractor.weights:  # the weights fingerprint
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return h.hexdigest()[:32]
+
+
+def extract_features(model_or_base, dataset, *, cache_dir=None, key=None, verbose=1):
+    """Runs the feature extractor once over ``dataset`` and keeps its outputs.
+
+    Args:
+        model_or_base: a model built by ``tlkeras.build_transfer_model`` (its
+            image -> "features" part from ``tlkeras.split_model`` is used), or
+            any ``keras.Model`` mapping images to vectors (4D outputs are
+            average-pooled).
+        dataset: ``tf.data.Dataset`` of ``(images, labels)`` batches (or
+            images only), e.g. from ``tlkeras.data``. Use it without
+            augmentation: the features are computed once.
+        cache_dir: if given, features are saved to / loaded from
+            ``<cache_dir>/<key>.npz``, keyed by the extractor's architecture,
+            a hash of its weights, the input size, the element spec and the
+            exact ``dataset.file_paths`` (or ``key``): a changed base, size or
+            file list computes them again.
+        key: extra string identifying the data; required with ``cache_dir``
+            when the dataset has no ``file_paths``.
+        verbose: 1 shows a progress bar, 0 is silent.
+
+    Returns:
+        A :class:`FeatureSet` (``features, labels = ...`` works). Labels are
+        stacked as the dataset yields them; features are float32 ``(N, D)``.
+
+    Example:
+
+    >>> feats, labels = extract_features(model, val_ds, verbose=0)
+    >>> feats.shape
+    (120, 1280)
+    """
+    extractor = _extractor(model_or_base)
+    path = None
+    if cache_dir is not None:
+        path = os.path.join(os.fspath(cache_dir), _cache_key(extractor, dataset, key) + ".npz")
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as f:
+                labels = f["labels"] if "labels" in f.files else None
+                out = FeatureSet(f["features"], labels, path)
+            logger.info("Loaded %d cached features from %s", len(out), path)
+            return out
+
+    steps = int(dataset.cardinality())
+    bar = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose,
+                              unit_name="batch")
+    feats, labels = [], []
+    for i, batch in enumerate(dataset):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        feats.append(np.asarray(extractor.predict_on_batch(x), np.float32))
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            labels.append(np.asarray(batch[1]))
+        bar.update(i + 1)
+    if not feats:
+        raise ValueError("extract_features: the dataset is empty.")
+    out = FeatureSet(np.concatenate(feats), np.concatenate(labels) if labels else None, path)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        arrays = {"features": out.features}
+        if out.labels is not None:
+            arrays["labels"] = out.labels
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        logger.info("Saved %d features to %s", len(out), path)
+    return out
+
+
+def features_dataset(features, labels=None, *, batch_size=32, shuffle=True, seed=None):
+    """A batched ``tf.data.Dataset`` of ``(features, labels)`` for the head model.
+
+    ``features`` is a :class:`FeatureSet` or an array (then pass ``labels``).
+    Train the ``head`` from ``tlkeras.split_model(model)`` on it.
+
+    Example:
+
+    >>> ds = features_dataset(extract_features(model, train_ds), batch_size=64, seed=0)
+    """
+    if isinstance(features, FeatureSet):
+        features, labels = features.features, features.labels if labels is None else labels
+    elems = features if labels is None else (features, labels)
+    ds = tf.data.Dataset.from_tensor_slices(elems)
+    if shuffle:
+        ds = ds.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def fit_sklearn(estimator, model_or_base, dataset, *, cache_dir=None, key=None, verbose=0):
+    """Fits a scikit-learn estimator (``LogisticRegression``, ``SVC``, ...) on features.
+
+    Extracts features of ``dataset`` with :func:`extract_features` and calls
+    ``estimator.fit(features, labels)`` (one-hot labels become class ids).
+    Returns the fitted estimator; predict with features of new data.
+
+    Example:
+
+    >>> from sklearn.svm import SVC
+    >>> svm = fit_sklearn(SVC(), model, train_ds)
+    >>> test = extract_features(model, test_ds)
+    >>> svm.score(test.features, sklearn_labels(test.labels))
+    0.93
+    """
+    fs = extract_features(model_or_base, dataset, cache_dir=cache_dir, key=key, verbose=verbose)
+    if fs.labels is None:
+        raise ValueError("fit_sklearn needs a dataset of (images, labels).")
+    return estimator.fit(fs.features, sklearn_labels(fs.labels))
+
+
+def sklearn_labels(labels):
+    """Labels as scikit-learn wants them: one-hot -> class ids, (N, 1) -> (N,)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1 and set(np.unique(labels)) <= {0, 1}:
+        if (labels.sum(axis=1) == 1).all():
+            return labels.argmax(axis=1)
+        return labels  # multi-hot: for multi-output estimators
+    return labels.reshape(len(labels))
