@@ -1,0 +1,325 @@
+"""TensorBoard logging for transfer-learning runs.
+
+`tensorboard_callbacks(log_dir, ...)` returns the callbacks `fine_tune` adds
+to `fit`: Keras' `TensorBoard` (loss, metrics and learning rate per epoch,
+optional profiling), a confusion-matrix image and a grid of sample validation
+predictions per epoch, and the run's hyperparameters for the HParams
+dashboard. Every summary is stepped by the epoch `fit` reports, so a second
+`fit(..., initial_epoch=n)` (phase 2 of fine-tuning) continues the same axis.
+
+Layout of `log_dir` (one TensorBoard "run" per folder):
+
+    log_dir/             HParams session and its `hparams/<metric>` scalars
+    log_dir/train/       epoch_loss, epoch_<metric>, epoch_learning_rate
+    log_dir/validation/  epoch_loss, epoch_<metric>
+    log_dir/images/      confusion_matrix, sample_predictions
+
+Point TensorBoard at the parent of several runs to compare them side by side
+(HParams dashboard included):
+
+    tensorboard --logdir runs/
+
+Example:
+
+>>> callbacks = tlkeras.callbacks.tensorboard_callbacks(
+...     "runs/flowers/logs", validation_data=val_ds, class_names=val_ds.class_names,
+...     hparams={"base": "MobileNetV2", "learning_rate": 1e-3})
+>>> model.fit(train_ds, validation_data=val_ds, epochs=3, callbacks=callbacks)
+>>> model.fit(train_ds, validation_data=val_ds, epochs=6, initial_epoch=3,
+...           callbacks=tlkeras.callbacks.tensorboard_callbacks("runs/flowers/logs", ...))
+"""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkeras import evaluation
+
+IMAGES_DIR = "images"
+HPARAMS_PREFIX = "hparams/"
+
+
+def tensorboard_callbacks(
+    log_dir,
+    *,
+    validation_data=None,
+    class_names=None,
+    hparams=None,
+    profile_batch=0,
+    every_n_epochs=1,
+    num_images=16,
+    max_batches=None,
+    **tensorboard_kwargs,
+):
+    """The TensorBoard callbacks of one training phase.
+
+    Args:
+        log_dir: the run's TensorBoard folder.
+        validation_data: `(images, labels)` batches (a `tf.data.Dataset` or a
+            tuple of arrays); enables the confusion matrix and sample grid.
+        class_names: class names; defaults to `validation_data.class_names`.
+        hparams: dict of hyperparameters for the HParams dashboard (values:
+            bool, int, float or str; others are logged as `str(value)`).
+        profile_batch: batches to profile, e.g. `(10, 15)`; 0 disables it
+            (`keras.callbacks.TensorBoard`). The trace goes to
+            `log_dir/train/plugins/profile` (Profile tab; needs the
+            `tensorboard-plugin-profile` package to view).
+        every_n_epochs: log the confusion matrix every n epochs.
+        num_images: size of the sample prediction grid.
+        max_batches: limit the confusion matrix to this many batches.
+        **tensorboard_kwargs: more arguments of `keras.callbacks.TensorBoard`,
+            e.g. `histogram_freq=1`, `update_freq="batch"`, `write_graph=False`.
+
+    Returns:
+        A list of `keras.callbacks.Callback`.
+    """
+    callbacks = [EpochTensorBoard(log_dir, profile_batch=profile_batch, **tensorboard_kwargs)]
+    if validation_data is not None:
+        callbacks += [
+            ConfusionMatrixCallback(validation_data, class_names, log_dir, every_n_epochs, max_batches),
+            SamplePredictionsCallback(validation_data, class_names, log_dir, num_images),
+        ]
+    if hparams is not None:
+        callbacks.append(HParamsCallback(hparams, log_dir))
+    return callbacks
+
+
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` whose validation scalars all use the epoch axis.
+
+    Keras also logs `evaluation_<metric>_vs_iterations` stepped by the
+    optimizer's iteration count, which restarts at 0 when phase 2 of
+    fine-tuning compiles a new optimizer; those duplicates of the
+    validation `epoch_<metric>` scalars are left out.
+    """
+
+    def on_test_end(self, logs=None):
+        self._pop_writer()
+
+
+class _ImageCallback(keras.callbacks.Callback):
+    """Writes images into `log_dir/images`, through one writer per folder.
+
+    (TensorBoard does not follow two event files growing in one folder.)
+    """
+
+    _writers = {}
+    _skip_tasks = ()
+
+    def __init__(self, validation_data, class_names, log_dir, task=None):
+        super().__init__()
+        self.validation_data = validation_data
+        self.class_names = class_names
+        self.log_dir = str(log_dir)
+        self.task = task
+        self._path = os.path.abspath(os.path.join(self.log_dir, IMAGES_DIR))
+
+    def on_train_begin(self, logs=None):
+        self._task = evaluation._task(self.model, self.task)
+        self._enabled = self._task not in self._skip_tasks
+        if not self._enabled:
+            warnings.warn(f"{type(self).__name__} does nothing for task={self._task!r}.")
+            return
+        self._names = _class_names(self.class_names, self.validation_data, self.model, self._task)
+
+    def on_train_end(self, logs=None):
+        writer = self._writers.pop(self._path, None)
+        if writer is not None:
+            writer.close()
+
+    def _write(self, tag, figure, step):
+        if self._path not in self._writers:
+            self._writers[self._path] = tf.summary.create_file_writer(self._path)
+        image = tf.image.decode_png(evaluation.figure_to_png(figure), channels=3)
+        with self._writers[self._path].as_default():
+            tf.summary.image(tag, image[None], step=step)
+        self._writers[self._path].flush()
+
+
+class ConfusionMatrixCallback(_ImageCallback):
+    """Logs a confusion-matrix image (`images/confusion_matrix`) every n epochs.
+
+    For "multiclass" and "binary" (threshold 0.5) models; does nothing for
+    other tasks.
+
+    Args:
+        validation_data: `(images, labels)` batches or a tuple of arrays.
+        class_names: class names; defaults to `validation_data.class_names`.
+        log_dir: the run's TensorBoard folder.
+        every_n_epochs: log on epochs n, 2n, ... (1-based).
+        max_batches: use at most this many validation batches.
+        task: the model's task, read from its "predictions" layer if omitted.
+    """
+
+    _skip_tasks = ("multilabel", "regression")
+
+    def __init__(self, validation_data, class_names=None, log_dir="logs", every_n_epochs=1, max_batches=None, task=None):
+        super().__init__(validation_data, class_names, log_dir, task)
+        self.every_n_epochs = every_n_epochs
+        self.max_batches = max_batches
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._enabled or (epoch + 1) % self.every_n_epochs:
+            return
+        labels, probabilities = evaluation.collect_predictions(
+            self.model, self.validation_data, max_batches=self.max_batches
+        )
+        labels, predicted = _classes(self._task, labels, probabilities)
+        cm = evaluation.confusion_matrix(labels, predicted, len(self._names))
+        title = f"Confusion matrix, epoch {epoch + 1} (accuracy {np.mean(labels == predicted):.3f})"
+        self._write("confusion_matrix", evaluation.plot_confusion_matrix(cm, self._names, title), epoch)
+
+
+class SamplePredictionsCallback(_ImageCallback):
+    """Logs a grid of validation images with true and predicted labels.
+
+    The same first `num_images` validation images every epoch (green title:
+    right, red: wrong), as `images/sample_predictions`.
+    """
+
+    def __init__(self, validation_data, class_names=None, log_dir="logs", num_images=16, task=None):
+        super().__init__(validation_data, class_names, log_dir, task)
+        self.num_images = num_images
+        self._samples = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._enabled:
+            return
+        if self._samples is None:
+            self._samples = evaluation.first_samples(self.validation_data, self.num_images)
+        images, labels = self._samples
+        probabilities = np.asarray(self.model.predict_on_batch(images), dtype="float32")
+        self._write("sample_predictions", self._plot(images, labels, probabilities, epoch), epoch)
+
+    def _plot(self, images, labels, probabilities, epoch):
+        cols = int(np.ceil(np.sqrt(len(images))))
+        rows = int(np.ceil(len(images) / cols))
+        figure = evaluation._figure(2.2 * cols, 2.4 * rows)
+        figure.suptitle(f"Validation samples, epoch {epoch + 1}")
+        for i, (image, label, p) in enumerate(zip(images, labels, probabilities)):
+            text, right = _describe(self._task, label, p, self._names)
+            ax = figure.add_subplot(rows, cols, i + 1)
+            ax.imshow(np.clip(image, 0, 255).astype("uint8"))
+            ax.set_title(text, fontsize=8, color="green" if right else "red")
+            ax.axis("off")
+        figure.tight_layout()
+        return figure
+
+
+class HParamsCallback(keras.callbacks.Callback):
+    """Writes the run's hyperparameters and metrics for the HParams dashboard.
+
+    At the start of training it writes the HParams session (`write_hparams`);
+    after each epoch it writes the epoch logs (`loss`, `val_accuracy`, ...,
+    or only `metrics`) as `hparams/<name>` scalars into the same run folder,
+    so the dashboard shows metric columns whichever folder TensorBoard is
+    pointed at.
+    """
+
+    def __init__(self, hparams, log_dir, metrics=None, trial_id=None):
+        super().__init__()
+        self.hparams = dict(hparams)
+        self.log_dir = str(log_dir)
+        self.metrics = metrics
+        self.trial_id = trial_id
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        self._writer = write_hparams(self.log_dir, self.hparams, trial_id=self.trial_id, close=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        names = self.metrics if self.metrics is not None else list(logs or {})
+        values = {name: logs[name] for name in names if name in (logs or {})}
+        _write_scalars(self._writer, values, epoch)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def write_hparams(log_dir, hparams, metrics=None, *, trial_id=None, step=0, close=True):
+    """Records `log_dir` as one session of the HParams dashboard.
+
+    Writes the session's hyperparameters (`hp.hparams`) into `log_dir`, and
+    optionally final metric values as `hparams/<name>` scalars. No experiment
+    config (`hp.hparams_config`) is written: TensorBoard then builds it from
+    all sessions under its `--logdir`, so runs with different hyperparameter
+    sets still compare side by side.
+
+    Args:
+        log_dir: the run's TensorBoard folder.
+        hparams: `{name: value}` (values: bool, int, float or str; others
+            are written as `str(value)`).
+        metrics: optional `{name: value}` to write at `step`.
+        trial_id: the session's name; defaults to the absolute `log_dir`.
+
+    Returns:
+        The summary writer (already closed if `close`).
+
+    Example:
+
+    >>> write_hparams("runs/a/logs", {"lr": 1e-3, "base": "ResNet50"},
+    ...               {"val_accuracy": 0.91})
+    """
+    from tensorboard.plugins.hparams import api as hp
+
+    values = {}
+    for name, value in dict(hparams).items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        values[str(name)] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    writer = tf.summary.create_file_writer(str(log_dir))
+    with writer.as_default():
+        hp.hparams(values, trial_id=trial_id or os.path.abspath(log_dir))
+    _write_scalars(writer, metrics or {}, step)
+    if close:
+        writer.close()
+    return writer
+
+
+def _write_scalars(writer, values, step):
+    with writer.as_default():
+        for name, value in values.items():
+            tf.summary.scalar(HPARAMS_PREFIX + name, float(value), step=step)
+    writer.flush()
+
+
+def _class_names(class_names, data, model, task):
+    names = class_names if class_names is not None else getattr(data, "class_names", None)
+    if task == "regression":
+        return None
+    width = 2 if task == "binary" else model.output_shape[-1]
+    names = [str(n) for n in names] if names is not None else [str(i) for i in range(width)]
+    if len(names) != width:
+        raise ValueError(f"class_names has {len(names)} names but the {task} model has {width} classes.")
+    return names
+
+
+def _classes(task, labels, probabilities):
+    n = len(labels)
+    if task == "binary":
+        return np.rint(labels.reshape(n)).astype(int), (probabilities.reshape(n) >= evaluation.THRESHOLD).astype(int)
+    labels = labels if labels.ndim == 1 else np.argmax(labels.reshape(n, -1), axis=1)
+    return labels.astype(int), np.argmax(probabilities, axis=1)
+
+
+def _describe(task, label, p, names):
+    """A sample's title `true -> predicted` and whether it is right."""
+    if task == "regression":
+        label, p = np.ravel(label), np.ravel(p)
+        return f"true {_fmt(label)}\npred {_fmt(p)}", bool(np.allclose(label, p, rtol=0.1, atol=1e-3))
+    if task == "multilabel":
+        true = [n for n, v in zip(names, np.ravel(label)) if v >= 0.5]
+        pred = [n for n, v in zip(names, p) if v >= evaluation.THRESHOLD]
+        return f"true {','.join(true) or '-'}\npred {','.join(pred) or '-'}", true == pred
+    (label,), (pred,) = _classes(task, np.asarray([label]), p[None])
+    confidence = p[pred] if task == "multiclass" else (p[0] if pred else 1 - p[0])
+    return f"true {names[label]}\npred {names[pred]} ({confidence:.2f})", label == pred
+
+
+def _fmt(values):
+    return ", ".join(f"{v:.3g}" for v in values)
