@@ -50,3 +50,6 @@ from tlkeras.features import (  # noqa: E402,F401
     features_dataset,
     fit_sklearn,
 )
+from tlkeras import callbacks  # noqa: E402,F401
+from tlkeras.evaluation import EvaluationReport, evaluate  # noqa: E402,F401
+from tlkeras.export import ExportError, ExportResult, ExportVerificationError, export_model  # noqa: E402,F401
