@@ -36,12 +36,16 @@ def color_dataset(n=48, seed=0):
 
 
 def tiny_model():
-    base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Conv2D(4, 3)])
+    base = keras.Sequential(
+        [keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Conv2D(4, 3)]
+    )
     return tlkeras.build_transfer_model(base, num_classes=3, weights=None, dropout=0.0)
 
 
 def read_run(path):
-    accumulator = event_accumulator.EventAccumulator(str(path), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator = event_accumulator.EventAccumulator(
+        str(path), size_guidance={event_accumulator.TENSORS: 0}
+    )
     accumulator.Reload()
     return accumulator
 
@@ -58,7 +62,9 @@ def two_phase_run(tmp_path_factory):
     model = tiny_model()
     histories = []
     for lr, epochs, initial_epoch in ((1e-2, 2, 0), (1e-3, 4, 2)):
-        model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
         callbacks = tensorboard_callbacks(
             log_dir,
             validation_data=data,
@@ -68,7 +74,12 @@ def two_phase_run(tmp_path_factory):
             num_images=6,
         )
         history = model.fit(
-            data, validation_data=data, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=0
+            data,
+            validation_data=data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            verbose=0,
         )
         histories.append(history.history)
     history = {k: histories[0][k] + histories[1][k] for k in histories[0]}
@@ -79,9 +90,13 @@ def test_scalars_of_both_phases_share_one_epoch_axis(two_phase_run):
     log_dir, history = two_phase_run
     train, validation = read_run(log_dir / "train"), read_run(log_dir / "validation")
 
-    assert scalars(train, "epoch_learning_rate") == pytest.approx({0: 1e-2, 1: 1e-2, 2: 1e-3, 3: 1e-3})
+    assert scalars(train, "epoch_learning_rate") == pytest.approx(
+        {0: 1e-2, 1: 1e-2, 2: 1e-3, 3: 1e-3}
+    )
     assert scalars(train, "epoch_loss") == pytest.approx(dict(enumerate(history["loss"])), rel=1e-5)
-    assert scalars(validation, "epoch_accuracy") == pytest.approx(dict(enumerate(history["val_accuracy"])))
+    assert scalars(validation, "epoch_accuracy") == pytest.approx(
+        dict(enumerate(history["val_accuracy"]))
+    )
     # No scalars stepped by the optimizer's iterations, which restart in phase 2.
     assert not [t for t in validation.Tags()["tensors"] if "vs_iterations" in t]
 
@@ -109,12 +124,16 @@ def test_hparams_session_and_metrics(two_phase_run):
     assert dict(info.hparams)["learning_rate"].number_value == 0.01
     assert dict(info.hparams)["hidden_units"].string_value == "(4,)"
     assert dict(info.hparams)["augment"].bool_value is False
-    assert scalars(run, "hparams/val_accuracy") == pytest.approx(dict(enumerate(history["val_accuracy"])))
+    assert scalars(run, "hparams/val_accuracy") == pytest.approx(
+        dict(enumerate(history["val_accuracy"]))
+    )
 
 
 def test_profile_batch_writes_a_trace(two_phase_run):
     log_dir, _ = two_phase_run
-    traces = [f for _, _, files in os.walk(log_dir / "train" / "plugins" / "profile") for f in files]
+    traces = [
+        f for _, _, files in os.walk(log_dir / "train" / "plugins" / "profile") for f in files
+    ]
     assert any(f.endswith(".xplane.pb") for f in traces)
 
 
@@ -127,16 +146,26 @@ def test_callbacks_without_validation_data_or_hparams():
 @pytest.mark.parametrize("task", ["binary", "multilabel", "regression"])
 def test_other_tasks(tmp_path, task):
     x = np.random.default_rng(0).uniform(0, 255, (24, 16, 16, 3)).astype("float32")
-    y = {"binary": np.arange(24) % 2, "multilabel": np.eye(3)[np.arange(24) % 3], "regression": x.mean((1, 2))}[task]
-    base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Conv2D(4, 3)])
-    model = tlkeras.build_transfer_model(base, num_classes=None if task == "binary" else 3, task=task, weights=None)
+    y = {
+        "binary": np.arange(24) % 2,
+        "multilabel": np.eye(3)[np.arange(24) % 3],
+        "regression": x.mean((1, 2)),
+    }[task]
+    base = keras.Sequential(
+        [keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Conv2D(4, 3)]
+    )
+    model = tlkeras.build_transfer_model(
+        base, num_classes=None if task == "binary" else 3, task=task, weights=None
+    )
     model.compile("adam", "mse")
     callbacks = tensorboard_callbacks(tmp_path, validation_data=(x, y), num_images=4)
     if task == "binary":
         model.fit(x, y, epochs=2, callbacks=callbacks, verbose=0)
         expected = {"confusion_matrix", "sample_predictions"}
     else:
-        with pytest.warns(UserWarning, match=f"ConfusionMatrixCallback does nothing for task='{task}'"):
+        with pytest.warns(
+            UserWarning, match=f"ConfusionMatrixCallback does nothing for task='{task}'"
+        ):
             model.fit(x, y, epochs=2, callbacks=callbacks, verbose=0)
         expected = {"sample_predictions"}
     images = read_run(tmp_path / "images")
@@ -147,7 +176,9 @@ def test_other_tasks(tmp_path, task):
 def test_class_names_must_match_the_model(tmp_path):
     model = tiny_model()
     model.compile("adam", "sparse_categorical_crossentropy")
-    callbacks = tensorboard_callbacks(tmp_path, validation_data=color_dataset(16), class_names=["a", "b"])
+    callbacks = tensorboard_callbacks(
+        tmp_path, validation_data=color_dataset(16), class_names=["a", "b"]
+    )
     with pytest.raises(ValueError, match="class_names has 2 names but the multiclass model has 3"):
         model.fit(color_dataset(16), epochs=1, callbacks=callbacks, verbose=0)
 
@@ -172,7 +203,17 @@ def test_tensorboard_server_shows_runs_scalars_and_hparams(two_phase_run):
     write_hparams(parent / "b" / "logs", {**HPARAMS, "base": "other"}, {"val_accuracy": 0.25})
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(parent), "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(parent),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -200,10 +241,16 @@ def test_tensorboard_server_shows_runs_scalars_and_hparams(two_phase_run):
 
         groups = _get(
             url + "/data/plugin/hparams/session_groups",
-            {"startIndex": 0, "sliceSize": 10, "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"]},
+            {
+                "startIndex": 0,
+                "sliceSize": 10,
+                "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+            },
         )["sessionGroups"]
         values = {
-            g["hparams"]["base"]: {m["name"]["tag"]: m["value"] for m in g["metricValues"] if not m["name"]["group"]}
+            g["hparams"]["base"]: {
+                m["name"]["tag"]: m["value"] for m in g["metricValues"] if not m["name"]["group"]
+            }
             for g in groups
         }
         assert values["other"]["hparams/val_accuracy"] == 0.25

@@ -53,7 +53,9 @@ def test_multiclass_matches_sklearn_and_writes_files(tmp_path):
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     history = {"loss": [1.0, 0.6, 0.4], "val_loss": [1.1, 0.8, 0.7], "accuracy": [0.4, 0.6, 0.8]}
 
-    report = evaluate(model, data, names, top_k=2, output_dir=tmp_path, history=history, num_mistakes=7)
+    report = evaluate(
+        model, data, names, top_k=2, output_dir=tmp_path, history=history, num_mistakes=7
+    )
 
     assert report.task == "multiclass" and report.num_samples == N
     assert report.metrics["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted))
@@ -69,18 +71,25 @@ def test_multiclass_matches_sklearn_and_writes_files(tmp_path):
             {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i]}
         )
     assert report.metrics["macro_f1"] == pytest.approx(skm.f1_score(y, predicted, average="macro"))
-    assert report.metrics["weighted_f1"] == pytest.approx(skm.f1_score(y, predicted, average="weighted"))
+    assert report.metrics["weighted_f1"] == pytest.approx(
+        skm.f1_score(y, predicted, average="weighted")
+    )
     assert 0.3 < report.metrics["accuracy"] < 0.95  # the comparison above is not trivial
 
     wrong = np.flatnonzero(predicted != y)
     expected = wrong[np.argsort(-probabilities[wrong].max(axis=1))][:7]
     assert [m["index"] for m in report.mistakes] == expected.tolist()
     first = report.mistakes[0]
-    assert first["true"] == names[y[first["index"]]] and first["predicted"] == names[predicted[first["index"]]]
+    assert (
+        first["true"] == names[y[first["index"]]]
+        and first["predicted"] == names[predicted[first["index"]]]
+    )
     assert first["confidence"] == pytest.approx(probabilities[first["index"]].max())
     assert first["file"] is None
 
-    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report.to_dict()))
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(
+        json.dumps(report.to_dict())
+    )
     for name in ("confusion_matrix", "training_curves"):
         assert report.files[name] == str(tmp_path / f"{name}.png")
         check_png(report.files[name])
@@ -92,7 +101,12 @@ def test_history_csv_and_keras_history(tmp_path):
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     csv_path = tmp_path / "history.csv"
     history = model.fit(
-        x, y, validation_split=0.25, epochs=2, verbose=0, callbacks=[keras.callbacks.CSVLogger(str(csv_path))]
+        x,
+        y,
+        validation_split=0.25,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras.callbacks.CSVLogger(str(csv_path))],
     )
     evaluate(model, (x, y), output_dir=tmp_path / "a", history=history)
     evaluate(model, (x, y), output_dir=tmp_path / "b", history=str(csv_path))
@@ -113,7 +127,9 @@ def image_folder(tmp_path):
 
 
 def test_mistakes_name_files_of_an_unshuffled_dataset(image_folder):
-    data = keras.utils.image_dataset_from_directory(image_folder, image_size=(4, 4), batch_size=8, shuffle=False)
+    data = keras.utils.image_dataset_from_directory(
+        image_folder, image_size=(4, 4), batch_size=8, shuffle=False
+    )
     model = dense_model(2, "softmax", seed=3)
     report = evaluate(model, data, num_mistakes=100)
     assert report.mistakes, "the random model should make some mistakes"
@@ -121,7 +137,9 @@ def test_mistakes_name_files_of_an_unshuffled_dataset(image_folder):
         assert mistake["file"] == data.file_paths[mistake["index"]]
         assert f"/{mistake['true']}/" in mistake["file"]  # the file is in its true class folder
 
-    shuffled = keras.utils.image_dataset_from_directory(image_folder, image_size=(4, 4), batch_size=8, seed=1)
+    shuffled = keras.utils.image_dataset_from_directory(
+        image_folder, image_size=(4, 4), batch_size=8, seed=1
+    )
     with pytest.warns(UserWarning, match="shuffle=False"):
         report = evaluate(model, shuffled, num_mistakes=100)
     assert report.mistakes and all(m["file"] is None for m in report.mistakes)
@@ -138,7 +156,9 @@ def test_binary_matches_sklearn():
     assert report.metrics["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted))
     assert report.confusion_matrix == skm.confusion_matrix(y, predicted).tolist()
     assert report.per_class["yes"]["precision"] == pytest.approx(skm.precision_score(y, predicted))
-    assert report.per_class["no"]["recall"] == pytest.approx(skm.recall_score(y, predicted, pos_label=0))
+    assert report.per_class["no"]["recall"] == pytest.approx(
+        skm.recall_score(y, predicted, pos_label=0)
+    )
     assert report.metrics["macro_f1"] == pytest.approx(skm.f1_score(y, predicted, average="macro"))
 
 
@@ -152,7 +172,9 @@ def test_multilabel_matches_sklearn():
     assert report.task == "multilabel" and report.confusion_matrix is None
     assert report.metrics["subset_accuracy"] == pytest.approx(skm.accuracy_score(y, predicted))
     assert report.metrics["accuracy"] == pytest.approx(1 - skm.hamming_loss(y, predicted))
-    precision, recall, f1, support = skm.precision_recall_fscore_support(y, predicted, zero_division=0)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, predicted, zero_division=0
+    )
     assert [report.per_class[c]["f1"] for c in "abcd"] == pytest.approx(f1)
     assert [report.per_class[c]["support"] for c in "abcd"] == support.tolist()
     assert report.metrics["macro_precision"] == pytest.approx(precision.mean())
@@ -174,13 +196,17 @@ def test_regression_matches_sklearn(tmp_path):
 def test_clear_errors():
     model = dense_model(3, "softmax")
     x, y = images(), np.arange(N) % 3
-    with pytest.raises(ValueError, match="class_names has 2 names but the model's multiclass output has 3"):
+    with pytest.raises(
+        ValueError, match="class_names has 2 names but the model's multiclass output has 3"
+    ):
         evaluate(model, (x, y), ["a", "b"])
     with pytest.raises(ValueError, match=r"class ids in \[0, 3\)"):
         evaluate(model, (x, y + 1))
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, (x[:0], y[:0]))
-    unnamed = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    unnamed = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
     with pytest.raises(ValueError, match="no 'predictions' layer. Pass task="):
         evaluate(unnamed, (x, y))
     assert evaluate(unnamed, (x, y), task="multiclass").num_samples == N

@@ -27,9 +27,13 @@ def trained(digits32):
             keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
         ]
     )
-    model = tlkeras.build_transfer_model(base, num_classes=10, weights=None, dropout=0.0, pooling=None)
+    model = tlkeras.build_transfer_model(
+        base, num_classes=10, weights=None, dropout=0.0, pooling=None
+    )
     tlkeras.unfreeze(model, "all")
-    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(x[:1300], y[:1300], epochs=5, batch_size=64, verbose=0)
     x_test, y_test = x[1300:].astype("float32"), y[1300:]
     accuracy = np.mean(model.predict(x_test, verbose=0).argmax(-1) == y_test)
@@ -67,7 +71,9 @@ def test_every_format_round_trips(trained, tmp_path):
     assert set(serving.signatures) == {"serving_default", "serving_bytes"}
     outputs = serving.signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-6)
-    assert [c.decode() for c in outputs["classes"].numpy()] == [CLASSES[i] for i in expected.argmax(-1)]
+    assert [c.decode() for c in outputs["classes"].numpy()] == [
+        CLASSES[i] for i in expected.argmax(-1)
+    ]
 
 
 def test_bytes_signature_decodes_real_jpeg_and_png(trained, tmp_path):
@@ -85,12 +91,20 @@ def test_bytes_signature_decodes_real_jpeg_and_png(trained, tmp_path):
     assert np.mean(jpeg["probabilities"].numpy().argmax(-1) == expected.argmax(-1)) >= 0.95
 
     # Other sizes and grayscale files are decoded to RGB and resized to 32x32 inside.
-    large = [np.asarray(Image.fromarray(i.astype("uint8")).resize((64, 48), Image.BILINEAR)) for i in images[:16]]
+    large = [
+        np.asarray(Image.fromarray(i.astype("uint8")).resize((64, 48), Image.BILINEAR))
+        for i in images[:16]
+    ]
     gray = [Image.fromarray(i.astype("uint8")).convert("L") for i in images[:16]]
     mixed = encode(large, "PNG") + encode(gray, "PNG")
     probabilities = serve_bytes(image_bytes=tf.constant(mixed))["probabilities"].numpy()
     assert probabilities.shape == (32, 10)
-    assert np.mean(probabilities.argmax(-1) == np.concatenate([expected[:16], expected[:16]]).argmax(-1)) >= 0.9
+    assert (
+        np.mean(
+            probabilities.argmax(-1) == np.concatenate([expected[:16], expected[:16]]).argmax(-1)
+        )
+        >= 0.9
+    )
 
 
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
@@ -104,7 +118,11 @@ def test_quantized_tflite_keeps_accuracy(trained, tmp_path, quantize):
     assert 0 < check["max_abs_diff"] <= check["tolerance"]  # quantized: close, not identical
     float_accuracy = np.mean(model.predict(x_test, verbose=0).argmax(-1) == y_test)
     tflite_accuracy = np.mean(run_tflite(result.paths["tflite"], x_test).argmax(-1) == y_test)
-    assert tflite_accuracy >= float_accuracy - INT8_MAX_ACCURACY_DROP, (quantize, float_accuracy, tflite_accuracy)
+    assert tflite_accuracy >= float_accuracy - INT8_MAX_ACCURACY_DROP, (
+        quantize,
+        float_accuracy,
+        tflite_accuracy,
+    )
     if quantize == "int8":
         interpreter = tf.lite.Interpreter(model_path=result.paths["tflite"])
         kinds = {d["dtype"] for d in interpreter.get_tensor_details()}
@@ -114,7 +132,10 @@ def test_quantized_tflite_keeps_accuracy(trained, tmp_path, quantize):
 
 def test_mismatch_beyond_tolerance_raises(trained, tmp_path):
     model, x_test, _ = trained
-    with pytest.raises(ExportVerificationError, match=r"tflite export .* max abs diff [0-9.e-]+ exceeds the tolerance 1e-09"):
+    with pytest.raises(
+        ExportVerificationError,
+        match=r"tflite export .* max abs diff [0-9.e-]+ exceeds the tolerance 1e-09",
+    ):
         export_model(
             model,
             tmp_path,
@@ -146,8 +167,12 @@ def test_clear_errors(trained, tmp_path):
         export_model(model, tmp_path, formats=["onnx"])
     with pytest.raises(ValueError, match="class_names has 3 names but model .* has 10 output"):
         export_model(model, tmp_path, class_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match=r"representative_data must hold images of shape \(32, 32, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"representative_data must hold images of shape \(32, 32, 3\)"
+    ):
         export_model(model, tmp_path, formats="tflite", representative_data=x_test[:4, :16, :16])
-    flexible = keras.Sequential([keras.Input((None, None, 3)), keras.layers.GlobalAveragePooling2D()])
+    flexible = keras.Sequential(
+        [keras.Input((None, None, 3)), keras.layers.GlobalAveragePooling2D()]
+    )
     with pytest.raises(ValueError, match="fixed size"):
         export_model(flexible, tmp_path)

@@ -79,7 +79,9 @@ def tensorboard_callbacks(
     callbacks = [EpochTensorBoard(log_dir, profile_batch=profile_batch, **tensorboard_kwargs)]
     if validation_data is not None:
         callbacks += [
-            ConfusionMatrixCallback(validation_data, class_names, log_dir, every_n_epochs, max_batches),
+            ConfusionMatrixCallback(
+                validation_data, class_names, log_dir, every_n_epochs, max_batches
+            ),
             SamplePredictionsCallback(validation_data, class_names, log_dir, num_images),
         ]
     if hparams is not None:
@@ -156,7 +158,15 @@ class ConfusionMatrixCallback(_ImageCallback):
 
     _skip_tasks = ("multilabel", "regression")
 
-    def __init__(self, validation_data, class_names=None, log_dir="logs", every_n_epochs=1, max_batches=None, task=None):
+    def __init__(
+        self,
+        validation_data,
+        class_names=None,
+        log_dir="logs",
+        every_n_epochs=1,
+        max_batches=None,
+        task=None,
+    ):
         super().__init__(validation_data, class_names, log_dir, task)
         self.every_n_epochs = every_n_epochs
         self.max_batches = max_batches
@@ -170,7 +180,9 @@ class ConfusionMatrixCallback(_ImageCallback):
         labels, predicted = _classes(self._task, labels, probabilities)
         cm = evaluation.confusion_matrix(labels, predicted, len(self._names))
         title = f"Confusion matrix, epoch {epoch + 1} (accuracy {np.mean(labels == predicted):.3f})"
-        self._write("confusion_matrix", evaluation.plot_confusion_matrix(cm, self._names, title), epoch)
+        self._write(
+            "confusion_matrix", evaluation.plot_confusion_matrix(cm, self._names, title), epoch
+        )
 
 
 class SamplePredictionsCallback(_ImageCallback):
@@ -228,7 +240,9 @@ class HParamsCallback(keras.callbacks.Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
-        self._writer = write_hparams(self.log_dir, self.hparams, trial_id=self.trial_id, close=False)
+        self._writer = write_hparams(
+            self.log_dir, self.hparams, trial_id=self.trial_id, close=False
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         names = self.metrics if self.metrics is not None else list(logs or {})
@@ -295,14 +309,18 @@ def _class_names(class_names, data, model, task):
     width = 2 if task == "binary" else model.output_shape[-1]
     names = [str(n) for n in names] if names is not None else [str(i) for i in range(width)]
     if len(names) != width:
-        raise ValueError(f"class_names has {len(names)} names but the {task} model has {width} classes.")
+        raise ValueError(
+            f"class_names has {len(names)} names but the {task} model has {width} classes."
+        )
     return names
 
 
 def _classes(task, labels, probabilities):
     n = len(labels)
     if task == "binary":
-        return np.rint(labels.reshape(n)).astype(int), (probabilities.reshape(n) >= evaluation.THRESHOLD).astype(int)
+        return np.rint(labels.reshape(n)).astype(int), (
+            probabilities.reshape(n) >= evaluation.THRESHOLD
+        ).astype(int)
     labels = labels if labels.ndim == 1 else np.argmax(labels.reshape(n, -1), axis=1)
     return labels.astype(int), np.argmax(probabilities, axis=1)
 
@@ -311,7 +329,9 @@ def _describe(task, label, p, names):
     """A sample's title `true -> predicted` and whether it is right."""
     if task == "regression":
         label, p = np.ravel(label), np.ravel(p)
-        return f"true {_fmt(label)}\npred {_fmt(p)}", bool(np.allclose(label, p, rtol=0.1, atol=1e-3))
+        return f"true {_fmt(label)}\npred {_fmt(p)}", bool(
+            np.allclose(label, p, rtol=0.1, atol=1e-3)
+        )
     if task == "multilabel":
         true = [n for n, v in zip(names, np.ravel(label)) if v >= 0.5]
         pred = [n for n, v in zip(names, p) if v >= evaluation.THRESHOLD]

@@ -148,10 +148,16 @@ def evaluate(
         report.metrics["accuracy"] = float(np.mean(labels == y_pred))
         if task == "multiclass" and top_k and top_k < num_classes:
             top = np.argsort(-y_prob, axis=1, kind="stable")[:, :top_k]
-            report.metrics[f"top_{top_k}_accuracy"] = float(np.mean(np.any(top == labels[:, None], axis=1)))
-        report.per_class, summary = _per_class(np.diag(cm), cm.sum(axis=0), cm.sum(axis=1), class_names)
+            report.metrics[f"top_{top_k}_accuracy"] = float(
+                np.mean(np.any(top == labels[:, None], axis=1))
+            )
+        report.per_class, summary = _per_class(
+            np.diag(cm), cm.sum(axis=0), cm.sum(axis=1), class_names
+        )
         report.metrics.update(summary)
-        report.mistakes = _mistakes(labels, y_pred, y_prob, class_names, _file_paths(data, n), num_mistakes)
+        report.mistakes = _mistakes(
+            labels, y_pred, y_prob, class_names, _file_paths(data, n), num_mistakes
+        )
 
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
@@ -260,7 +266,11 @@ def plot_training_curves(history):
         for key, label in ((name, "train"), ("val_" + name, "validation")):
             if key in history:
                 values = np.asarray(history[key], dtype=float)
-                x = np.arange(len(values)) if epochs is None or len(epochs) != len(values) else epochs
+                x = (
+                    np.arange(len(values))
+                    if epochs is None or len(epochs) != len(values)
+                    else epochs
+                )
                 ax.plot(np.asarray(x) + 1, values, marker=".", label=label)
         ax.set(title=name, xlabel="epoch")
         ax.grid(alpha=0.3)
@@ -328,7 +338,9 @@ def _per_class(tp, predicted, support, class_names):
 
 def _regression_metrics(y_true, y_pred):
     if y_true.shape != y_pred.shape:
-        raise ValueError(f"Regression targets have shape {y_true.shape}, predictions {y_pred.shape}.")
+        raise ValueError(
+            f"Regression targets have shape {y_true.shape}, predictions {y_pred.shape}."
+        )
     error = y_pred - y_true.astype(float)
     mse = float(np.mean(error**2))
     # R^2 per output, averaged uniformly (as sklearn's r2_score).

@@ -136,9 +136,13 @@ def export_model(
     if quantize not in QUANTIZE:
         raise ValueError(f"Expected quantize in {QUANTIZE}, received quantize={quantize!r}.")
     if quantize is not None and "tflite" not in formats:
-        raise ValueError(f"quantize={quantize!r} applies to TFLite, but 'tflite' is not in formats={formats}.")
+        raise ValueError(
+            f"quantize={quantize!r} applies to TFLite, but 'tflite' is not in formats={formats}."
+        )
     if quantize == "int8" and representative_data is None:
-        raise ValueError("quantize='int8' needs representative_data: images to calibrate activation ranges.")
+        raise ValueError(
+            "quantize='int8' needs representative_data: images to calibrate activation ranges."
+        )
     size = _input_size(model)
     num_outputs = model.output_shape[-1]
     if class_names is not None:
@@ -146,17 +150,23 @@ def export_model(
         expected = 2 if num_outputs == 1 else num_outputs
         if len(class_names) != expected:
             raise ValueError(
-                f"class_names has {len(class_names)} names but model {model.name!r} has {num_outputs} "
-                f"output(s), i.e. {expected} classes."
+                f"class_names has {len(class_names)} names but model {model.name!r} has "
+                f"{num_outputs} output(s), i.e. {expected} classes."
             )
     tolerances = {**TOLERANCES, **(tolerances or {})}
-    calibration = _images(representative_data, 200, size) if representative_data is not None else None
+    calibration = (
+        _images(representative_data, 200, size) if representative_data is not None else None
+    )
     if calibration is not None and len(calibration) == 0:
         raise ValueError("representative_data yielded no images.")
     if calibration is not None:  # integer pixel values, so that PNGs of them are exact
         samples = np.clip(np.rint(calibration[:num_verification_images]), 0, 255)
     else:
-        samples = np.random.default_rng(0).integers(0, 256, (num_verification_images, *size, 3)).astype("float32")
+        samples = (
+            np.random.default_rng(0)
+            .integers(0, 256, (num_verification_images, *size, 3))
+            .astype("float32")
+        )
     expected = np.asarray(model.predict_on_batch(samples), dtype="float32")
 
     os.makedirs(directory, exist_ok=True)
@@ -164,7 +174,9 @@ def export_model(
 
     def check(name, actual, tolerance_key=None):
         tolerance = tolerances[tolerance_key or name]
-        result.checks[name] = _compare(name, expected, np.asarray(actual, dtype="float32"), tolerance)
+        result.checks[name] = _compare(
+            name, expected, np.asarray(actual, dtype="float32"), tolerance
+        )
 
     if class_names is not None:
         result.paths["labels"] = os.path.join(directory, "labels.txt")
@@ -193,7 +205,11 @@ def export_model(
             with open(path, "wb") as f:
                 f.write(_convert_tflite(model, quantize, calibration))
         if verify:
-            check("tflite", run_tflite(path, samples), "tflite" if quantize is None else f"tflite_{quantize}")
+            check(
+                "tflite",
+                run_tflite(path, samples),
+                "tflite" if quantize is None else f"tflite_{quantize}",
+            )
     return result
 
 
@@ -230,13 +246,19 @@ def _export_saved_model(model, path, size, class_names):
         return tf.ensure_shape(image, (*size, 3))
 
     def serve_bytes(image_bytes):
-        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
+        images = tf.map_fn(
+            decode, image_bytes, fn_output_signature=tf.TensorSpec((*size, 3), tf.float32)
+        )
         return outputs(images)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", outputs, [tf.TensorSpec((None, *size, 3), tf.float32, name="images")])
-    archive.add_endpoint("serving_bytes", serve_bytes, [tf.TensorSpec((None,), tf.string, name="image_bytes")])
+    archive.add_endpoint(
+        "serving_default", outputs, [tf.TensorSpec((None, *size, 3), tf.float32, name="images")]
+    )
+    archive.add_endpoint(
+        "serving_bytes", serve_bytes, [tf.TensorSpec((None,), tf.string, name="image_bytes")]
+    )
     archive.write_out(path, verbose=False)
 
 
@@ -305,13 +327,16 @@ def _explained(fmt, model, path, action="exporting"):
         raise
     except Exception as error:
         raise ExportError(
-            f"{action.capitalize()} model {model.name!r} as {fmt} ({path}) failed: {type(error).__name__}: {error}"
+            f"{action.capitalize()} model {model.name!r} as {fmt} ({path}) failed: "
+            f"{type(error).__name__}: {error}"
         ) from error
 
 
 def _input_size(model):
     shape = model.input_shape
-    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 3 and None not in shape[1:3]):
+    if not (
+        isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 3 and None not in shape[1:3]
+    ):
         raise ValueError(
             f"export_model needs a model taking images (batch, height, width, 3) of a fixed size; "
             f"model {model.name!r} has input shape {shape}. Build it with input_shape=(h, w, 3)."
@@ -334,7 +359,8 @@ def _images(data, limit, size):
     images = np.asarray(data, dtype="float32")[:limit]
     if images.ndim != 4 or images.shape[1:] != (*size, 3):
         raise ValueError(
-            f"representative_data must hold images of shape {(*size, 3)}, received shape {images.shape[1:]}."
+            f"representative_data must hold images of shape {(*size, 3)}, received shape "
+            f"{images.shape[1:]}."
         )
     return images
 
