@@ -127,7 +127,9 @@ def export_model(
         ExportVerificationError: an export differs beyond its tolerance; the
             message names the format, the tolerance and the observed error.
         ExportError: an export failed (the message keeps the cause, e.g. a
-            layer that cannot be serialized).
+            layer that cannot be serialized). A model with a `HubLayer` or a
+            `Lambda` layer saves to `.keras` but does not reload in safe mode;
+            export it with `formats=("saved_model", "tflite")`.
     """
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -188,7 +190,7 @@ def export_model(
         with _explained("keras", model, path):
             model.save(path)
         if verify:
-            with _explained("keras", model, path, "reloading (safe_mode=True)"):
+            with _explained("keras", model, path, "Reloading (safe_mode=True)"):
                 reloaded = keras.saving.load_model(path, compile=False, safe_mode=True)
             check("keras", reloaded.predict_on_batch(samples))
 
@@ -319,7 +321,7 @@ def _compare(name, expected, actual, tolerance):
 
 
 @contextlib.contextmanager
-def _explained(fmt, model, path, action="exporting"):
+def _explained(fmt, model, path, action="Exporting"):
     """Re-raises a failure of one export as an `ExportError` naming format and path."""
     try:
         yield
@@ -327,7 +329,7 @@ def _explained(fmt, model, path, action="exporting"):
         raise
     except Exception as error:
         raise ExportError(
-            f"{action.capitalize()} model {model.name!r} as {fmt} ({path}) failed: "
+            f"{action} model {model.name!r} as {fmt} ({path}) failed: "
             f"{type(error).__name__}: {error}"
         ) from error
 
