@@ -184,12 +184,9 @@ def split_model(model):
     features = model.get_layer("features")
     extractor = keras.Model(model.inputs, features.output, name=f"{model.name}_features")
     head_input = keras.Input(shape=tuple(features.output.shape[1:]), name="features")
-    x, layer = head_input, features
-    while layer.name != "predictions":
-        nodes = layer._outbound_nodes
-        if len(nodes) != 1:
-            raise ValueError(f"Expected a single chain of head layers after {layer.name!r}.")
-        layer = nodes[0].operation
+    # Layers of a functional model are in graph order; the head is the chain after "features".
+    x = head_input
+    for layer in model.layers[model.layers.index(features) + 1:]:
         x = layer(x)
     return extractor, keras.Model(head_input, x, name=f"{model.name}_head")
 

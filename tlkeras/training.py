@@ -1,0 +1,549 @@
+"""Two-phase fine-tuning: train the head on a frozen base, then unfreeze and fine-tune.
+
+`fine_tune` is the one high-level call; it is built from pieces you can also
+use alone: `tlkeras.extract_features` (phase 1 on cached features),
+`tlkeras.unfreeze`, `resolve_precision`, `resolve_strategy` and
+`tlkeras.callbacks.tensorboard_callbacks`.
+
+Example:
+
+>>> model = tlkeras.build_transfer_model("EfficientNetB0", num_classes=5)
+>>> result = tlkeras.fine_tune(model, train_ds, val_ds, log_dir="runs/flowers")
+>>> result.history["val_accuracy"][-1]
+
+A run folder (`log_dir`) holds `config.json` (every argument), `history.csv`
+(both phases on one epoch axis), `checkpoints/best.weights.h5`,
+`model.keras` and TensorBoard logs under `logs/`. Started again with the same
+`log_dir`, a killed run resumes where it stopped, in either phase.
+"""
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkeras import models
+
+logger = logging.getLogger("tlkeras")
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+_PHASE1_DONE = "phase1.weights.h5"
+
+
+@dataclasses.dataclass
+class FineTuneResult:
+    """What `fine_tune` did: the trained model, both phases' history and the files written."""
+
+    model: keras.Model
+    history: dict  # metric name -> values, one per epoch over both phases
+    head_epochs: int
+    fine_tune_epochs: int
+    log_dir: str | None = None
+    paths: dict = dataclasses.field(default_factory=dict)
+    precision: str = "float32"
+    used_feature_cache: bool = False
+
+    @property
+    def epochs(self):
+        return self.head_epochs + self.fine_tune_epochs
+
+
+def fine_tune(
+    model,
+    train_data,
+    validation_data=None,
+    *,
+    head_epochs=5,
+    fine_tune_epochs=5,
+    unfreeze="all",
+    unfreeze_unit="blocks",
+    learning_rate=1e-3,
+    fine_tune_learning_rate=None,
+    optimizer="adam",
+    warmup_epochs=1,
+    label_smoothing=0.0,
+    class_weight=None,
+    metrics=None,
+    log_dir=None,
+    precision="auto",
+    strategy=None,
+    jit_compile=False,
+    cache_features="auto",
+    early_stopping=None,
+    callbacks=(),
+    class_names=None,
+    seed=None,
+    verbose=1,
+):
+    """Trains a `build_transfer_model` model in two phases; returns a `FineTuneResult`.
+
+    Phase 1 trains the head with the base frozen, at `learning_rate`. With
+    no augmentation (none in the model, none recorded on `train_data`), it
+    runs the base once and trains the head on cached features, so its epochs
+    cost almost nothing. Phase 2 unfreezes the top `unfreeze` blocks (or
+    layers, or `"all"`) and trains at `fine_tune_learning_rate` with a linear
+    warm-up over `warmup_epochs` then cosine decay: a small, smoothly
+    decaying step keeps the pretrained features from being wrecked by the
+    first large gradients. BatchNormalization stays in inference mode.
+
+    Args:
+        model: a model from `tlkeras.build_transfer_model` (trained in place).
+        train_data: a `tf.data.Dataset` of `(images, labels)` batches.
+        validation_data: the same for validation; monitored by checkpoints.
+        head_epochs, fine_tune_epochs: epochs of each phase (either may be 0).
+        unfreeze: depth for phase 2, an int or `"all"` (default: the whole
+            base, which with a low learning rate is the Keras guide's recipe).
+        unfreeze_unit: `"blocks"` (the architecture's own blocks) or `"layers"`.
+        learning_rate: phase 1 learning rate (default 1e-3, Adam's usual).
+        fine_tune_learning_rate: phase 2 peak learning rate; default
+            `learning_rate / 20`, within the 10-100x lower range that
+            fine-tuning needs.
+        optimizer: `"adam"`, `"adamw"`, `"sgd"` (momentum 0.9), `"rmsprop"`, or
+            a callable `learning_rate -> keras.optimizers.Optimizer`.
+        warmup_epochs: phase 2 warm-up length.
+        label_smoothing: for multiclass and binary cross-entropy.
+        class_weight: dict, or `"balanced"` (computed from `train_data`).
+        metrics: defaults by task (accuracy for classification, MAE for regression).
+        log_dir: the run folder; `None` writes nothing and cannot resume.
+        precision: `"auto"` (mixed_float16 on NVIDIA GPUs of compute capability
+            7.0+, float32 otherwise), `"float32"`, `"mixed_float16"`,
+            `"mixed_bfloat16"`. The output stays float32; the global policy is
+            restored afterwards.
+        strategy: `None`/`"auto"` (one device, or `MirroredStrategy` over
+            several GPUs), `"multiworker"` (`MultiWorkerMirroredStrategy` from
+            `TF_CONFIG`), or a `tf.distribute.Strategy`.
+        jit_compile: XLA-compile the train step.
+        cache_features: `"auto"`, `True` or `False` for phase 1.
+        early_stopping: patience in epochs (per phase), or `None`.
+        callbacks: more Keras callbacks, used in both phases.
+        class_names: for TensorBoard images and `config.json`; defaults to
+            `train_data.class_names`.
+        seed: makes weight init of new variables and shuffling repeatable.
+        verbose: Keras `fit` verbosity.
+    """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    if precision not in PRECISIONS:
+        raise ValueError(f"Expected precision in {PRECISIONS}, received precision={precision!r}.")
+    for argument, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"Expected {argument} to be an int >= 0, received {argument}={value!r}.")
+    fine_tune_learning_rate = fine_tune_learning_rate or learning_rate / 20
+    task = models.infer_task(model)
+    class_names = class_names or getattr(train_data, "class_names", None)
+    if isinstance(class_weight, str):
+        from tlkeras import data
+
+        class_weight = data.class_weights(train_data, class_weight)
+    config = {
+        "base": models.get_base(model).name,
+        "task": task,
+        "input_shape": list(model.input_shape[1:]) if isinstance(model.input_shape, tuple) else None,
+        "head_epochs": head_epochs, "fine_tune_epochs": fine_tune_epochs,
+        "unfreeze": unfreeze, "unfreeze_unit": unfreeze_unit,
+        "learning_rate": learning_rate, "fine_tune_learning_rate": fine_tune_learning_rate,
+        "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
+        "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing,
+        "class_weight": class_weight, "precision": resolve_precision(precision),
+        "strategy": strategy if strategy is None or isinstance(strategy, str) else type(strategy).__name__,
+        "jit_compile": jit_compile, "cache_features": cache_features,
+        "early_stopping": early_stopping, "seed": seed, "class_names": class_names,
+    }
+    run = _RunFolder(log_dir, config)
+    policy = config["precision"]
+    strategy = resolve_strategy(strategy)
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy(policy)
+        working = _prepare(model, policy, strategy)
+        run.restore_phase1(working)
+        with strategy.scope():
+            used_cache = _phase1(
+                working, train_data, validation_data, run, head_epochs, learning_rate, optimizer,
+                label_smoothing, class_weight, metrics, jit_compile, cache_features, early_stopping,
+                callbacks, class_names, verbose, task,
+            )
+            _phase2(
+                working, train_data, validation_data, run, head_epochs, fine_tune_epochs, unfreeze,
+                unfreeze_unit, fine_tune_learning_rate, warmup_epochs, optimizer, label_smoothing,
+                class_weight, metrics, jit_compile, early_stopping, callbacks, class_names, verbose, task,
+            )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    if working is not model:
+        _copy_weights(working, model)
+        _copy_trainable(working, model)
+    paths = run.finish(model)
+    return FineTuneResult(model, run.history_lists(), head_epochs, fine_tune_epochs, run.path, paths,
+                          policy, used_cache)
+
+
+def resolve_precision(precision="auto"):
+    """The dtype policy name `precision` stands for on this machine."""
+    if precision != "auto":
+        return precision
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        if details.get("compute_capability", (0, 0)) >= (7, 0):
+            return "mixed_float16"
+    return "float32"
+
+
+def resolve_strategy(strategy=None):
+    """`None`/`"auto"`: the default strategy, or `MirroredStrategy` on several GPUs."""
+    if isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    if strategy in (None, "auto"):
+        if len(tf.config.list_logical_devices("GPU")) > 1:
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.get_strategy()
+    if strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if strategy == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(
+        "Expected strategy to be None, 'auto', 'mirrored', 'multiworker' or a "
+        f"tf.distribute.Strategy, received strategy={strategy!r}."
+    )
+
+
+def make_optimizer(optimizer, learning_rate):
+    """An optimizer by name (`"adam"`, `"adamw"`, `"sgd"`, `"rmsprop"`) or from a callable."""
+    if callable(optimizer) and not isinstance(optimizer, str):
+        return optimizer(learning_rate)
+    makers = {
+        "adam": lambda: keras.optimizers.Adam(learning_rate),
+        "adamw": lambda: keras.optimizers.AdamW(learning_rate),
+        "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9),
+        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate),
+    }
+    if optimizer not in makers:
+        raise ValueError(f"Expected optimizer in {sorted(makers)} or a callable, received {optimizer!r}.")
+    return makers[optimizer]()
+
+
+def loss_and_metrics(task, label_smoothing=0.0, metrics=None):
+    """The loss and default metrics for a task."""
+    if task == "multiclass":
+        if label_smoothing:
+            loss = _SparseSmoothedCrossentropy(label_smoothing)
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy()
+        default = ["accuracy"]
+    elif task in ("binary", "multilabel"):
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+        default = ["binary_accuracy"] if task == "binary" else [keras.metrics.AUC(multi_label=True, name="auc")]
+    else:
+        loss, default = keras.losses.MeanSquaredError(), ["mae"]
+    return loss, list(metrics) if metrics is not None else default
+
+
+@keras.saving.register_keras_serializable(package="tlkeras")
+class _SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy with label smoothing, on integer labels."""
+
+    def __init__(self, label_smoothing=0.1, name="sparse_smoothed_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        depth = keras.ops.shape(y_pred)[-1]
+        y_true = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), depth)
+        return keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weight, metrics, jit,
+            cache_features, patience, extra, class_names, verbose, task):
+    if epochs == 0 or run.phase1_done:
+        return False
+    models.freeze(model)
+    augmented = _has_augmentation(model, train)
+    if cache_features is True and augmented:
+        raise ValueError("cache_features=True, but the training data is augmented (in the model or the "
+                         "pipeline): cached features would freeze one augmentation. Use 'auto' or False.")
+    use_cache = bool(cache_features) and not augmented
+    loss, metric_list = loss_and_metrics(task, smoothing, metrics)
+    fit_model, fit_train, fit_val = model, train, val
+    if use_cache:
+        from tlkeras import features
+
+        cache_dir = run.sub("feature_cache")
+        fit_train = features.features_dataset(
+            features.extract_features(model, train, cache_dir=cache_dir, key="train", verbose=verbose),
+            batch_size=_batch_size(train), shuffle=True)
+        if val is not None:
+            fit_val = features.features_dataset(
+                features.extract_features(model, val, cache_dir=cache_dir, key="validation", verbose=verbose),
+                batch_size=_batch_size(val), shuffle=False)
+        _, fit_model = models.split_model(model)
+    fit_model.compile(optimizer=make_optimizer(optimizer, lr), loss=loss, metrics=metric_list, jit_compile=jit)
+    cbs = run.callbacks(model, fit_model, "phase1", val, class_names, patience, extra, steps=None)
+    fit_model.fit(fit_train, validation_data=fit_val, epochs=epochs, class_weight=class_weight,
+                  callbacks=cbs, verbose=verbose)
+    run.mark_phase1_done(model)
+    return use_cache
+
+
+def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup, optimizer,
+            smoothing, class_weight, metrics, jit, patience, extra, class_names, verbose, task):
+    if epochs == 0:
+        return
+    models.unfreeze(model, depth, unit)
+    steps = _steps_per_epoch(train)
+    total = steps * epochs
+    warmup_steps = min(int(warmup * steps), max(total - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=lr / 100 if warmup_steps else lr,
+        decay_steps=max(total - warmup_steps, 1), alpha=0.01,
+        warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)
+    loss, metric_list = loss_and_metrics(task, smoothing, metrics)
+    model.compile(optimizer=make_optimizer(optimizer, schedule), loss=loss, metrics=metric_list, jit_compile=jit)
+    cbs = run.callbacks(model, model, "phase2", val, class_names, patience, extra, steps=steps,
+                        initial_epoch=head_epochs)
+    model.fit(train, validation_data=val, epochs=head_epochs + epochs, initial_epoch=head_epochs,
+              class_weight=class_weight, callbacks=cbs, verbose=verbose)
+
+
+class _RunFolder:
+    """The run folder: config, history, checkpoints, resume state."""
+
+    def __init__(self, path, config):
+        self.path = os.path.abspath(path) if path else None
+        self.config = config
+        self.rows = {}
+        self.best = None
+        self.monitor = None
+        if not self.path:
+            return
+        self.is_chief = _is_chief()
+        if not self.is_chief:  # other workers write their state beside the chief's
+            self.path = os.path.join(self.path, f"worker_{_task_id()}")
+        os.makedirs(self.sub("checkpoints"), exist_ok=True)
+        config_path = os.path.join(self.path, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                previous = json.load(f)
+            changed = {k for k in config if json.dumps(config[k], default=str) != json.dumps(previous.get(k), default=str)}
+            if changed:
+                logger.warning("log_dir %s holds a run with other arguments (%s); resuming it anyway.",
+                               self.path, ", ".join(sorted(changed)))
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2, default=str)
+        history = os.path.join(self.path, "history.csv")
+        if os.path.exists(history):
+            with open(history) as f:
+                for row in csv.DictReader(f):
+                    self.rows[int(row.pop("epoch"))] = {k: float(v) for k, v in row.items() if v != ""}
+
+    def sub(self, name):
+        return os.path.join(self.path, name) if self.path else None
+
+    @property
+    def phase1_done(self):
+        return bool(self.path) and os.path.exists(os.path.join(self.sub("checkpoints"), _PHASE1_DONE))
+
+    def restore_phase1(self, model):
+        if self.phase1_done:
+            logger.info("Phase 1 already done in %s; resuming with phase 2.", self.path)
+            model.load_weights(os.path.join(self.sub("checkpoints"), _PHASE1_DONE))
+
+    def mark_phase1_done(self, model):
+        if self.path:
+            model.save_weights(os.path.join(self.sub("checkpoints"), _PHASE1_DONE))
+
+    def callbacks(self, model, fit_model, phase, val, class_names, patience, extra, steps, initial_epoch=0):
+        monitor = "val_loss" if val is not None else "loss"
+        cbs = [_HistoryRecorder(self, initial_epoch_of_phase=initial_epoch)]
+        if patience:
+            cbs.append(keras.callbacks.EarlyStopping(monitor, patience=patience, restore_best_weights=True))
+        if self.path:
+            cbs.append(_BestCheckpoint(self, model, monitor))
+            cbs.append(_ResumableBackup(os.path.join(self.sub("backup"), phase), initial_epoch, steps))
+            from tlkeras import callbacks as tb
+
+            hparams = {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool))}
+            tb_callbacks = tb.tensorboard_callbacks(
+                self.sub("logs"), validation_data=val, class_names=class_names, hparams=hparams)
+            cbs += [cb if fit_model is model or isinstance(cb, keras.callbacks.TensorBoard)
+                    else _OnModel(cb, model) for cb in tb_callbacks]
+        return cbs + list(extra)
+
+    def record(self, epoch, logs):
+        self.rows[epoch] = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
+        if self.path:
+            keys = sorted({k for row in self.rows.values() for k in row})
+            tmp = os.path.join(self.path, "history.csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, ["epoch", *keys])
+                writer.writeheader()
+                for e in sorted(self.rows):
+                    writer.writerow({"epoch": e, **self.rows[e]})
+            os.replace(tmp, os.path.join(self.path, "history.csv"))
+
+    def history_lists(self):
+        keys = sorted({k for row in self.rows.values() for k in row})
+        return {k: [self.rows[e].get(k, math.nan) for e in sorted(self.rows)] for k in keys}
+
+    def finish(self, model):
+        if not self.path:
+            return {}
+        paths = {name: self.sub(name) for name in ("config.json", "history.csv", "checkpoints", "logs")}
+        if self.is_chief:
+            paths["model.keras"] = self.sub("model.keras")
+            model.save(paths["model.keras"])
+        return {k: v for k, v in paths.items() if os.path.exists(v)}
+
+
+class _HistoryRecorder(keras.callbacks.Callback):
+    def __init__(self, run, initial_epoch_of_phase=0):
+        super().__init__()
+        self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and "learning_rate" not in logs:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        self.run.record(epoch, logs)
+
+
+class _BestCheckpoint(keras.callbacks.Callback):
+    """Saves the full model's weights whenever `monitor` improves, across both phases."""
+
+    def __init__(self, run, model, monitor):
+        super().__init__()
+        self.run, self.full_model, self.monitor = run, model, monitor
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        best = min((row[self.monitor] for e, row in self.run.rows.items() if e < epoch and self.monitor in row),
+                   default=math.inf)
+        if value <= best:
+            self.full_model.save_weights(os.path.join(self.run.sub("checkpoints"), "best.weights.h5"))
+
+
+class _ResumableBackup(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` that also restores the learning-rate schedule's position."""
+
+    def __init__(self, backup_dir, initial_epoch, steps_per_epoch):
+        super().__init__(backup_dir, double_checkpoint=True, delete_checkpoint=False)
+        self.phase_start, self.steps = initial_epoch, steps_per_epoch
+
+    def _load_model(self):
+        super()._load_model()
+        epoch = getattr(self.model, "_initial_epoch", None)
+        if epoch and epoch > self.phase_start:
+            logger.warning("Resuming from the backup in %s at epoch %d.", self.backup_dir, epoch)
+            if self.steps:
+                optimizer = self.model.optimizer
+                if not optimizer.built:
+                    optimizer.build(self.model.trainable_variables)
+                optimizer.iterations.assign((epoch - self.phase_start) * self.steps)
+
+
+class _OnModel(keras.callbacks.Callback):
+    """Runs `callback` against `model` whatever `fit` trains (phase 1 may train the head alone)."""
+
+    def __init__(self, callback, model):
+        super().__init__()
+        self.callback = callback
+        callback.set_model(model)
+
+    def set_model(self, model):
+        pass
+
+    def on_train_begin(self, logs=None):
+        self.callback.on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.callback.on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        self.callback.on_train_end(logs)
+
+
+def _prepare(model, policy, strategy):
+    """The model to train: `model` itself, or a copy rebuilt under `policy` / in `strategy`."""
+    base = models.get_base(model)
+    same_policy = base.dtype_policy.name == policy
+    default_strategy = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+    if same_policy and default_strategy:
+        return model
+    config = model.get_config()
+    _set_policy(config, policy)
+    try:
+        with strategy.scope():
+            working = model.__class__.from_config(config)
+    except Exception as error:
+        raise ValueError(
+            f"precision={policy!r} / strategy {type(strategy).__name__} need the model rebuilt from its "
+            f"config, which failed ({error}). Build the model inside `strategy.scope()` and after "
+            "keras.mixed_precision.set_global_policy(...) instead."
+        ) from error
+    _copy_weights(model, working)
+    _copy_trainable(model, working)
+    return working
+
+
+def _set_policy(config, policy):
+    """Sets every float32 layer dtype in a model config to `policy`, except the float32 ends."""
+    if isinstance(config, dict):
+        if config.get("name") not in ("preprocessing", "predictions") and isinstance(config.get("dtype"), dict):
+            dtype = config["dtype"]
+            if dtype.get("class_name") == "DTypePolicy" and dtype["config"].get("name") == "float32":
+                dtype["config"]["name"] = policy
+        for value in config.values():
+            _set_policy(value, policy)
+    elif isinstance(config, list):
+        for value in config:
+            _set_policy(value, policy)
+
+
+def _copy_weights(source, target):
+    target.set_weights(source.get_weights())
+
+
+def _copy_trainable(source, target):
+    for a, b in zip(source._flatten_layers(), target._flatten_layers()):
+        b.trainable = a.trainable
+
+
+def _has_augmentation(model, data):
+    in_model = any(layer.name == "augmentation" for layer in model.layers)
+    return in_model or getattr(data, "augmentation", None) is not None
+
+
+def _batch_size(dataset):
+    for x, *_ in dataset.take(1):
+        return int(tf.shape(x)[0])
+    raise ValueError("The training data is empty.")
+
+
+def _steps_per_epoch(dataset):
+    n = int(dataset.cardinality())
+    if n >= 0:
+        return n
+    return sum(1 for _ in dataset)
+
+
+def _is_chief():
+    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = config.get("task", {})
+    return task.get("type", "chief") == "chief" or (task.get("type") == "worker" and task.get("index", 0) == 0
+                                                     and "chief" not in config.get("cluster", {}))
+
+
+def _task_id():
+    task = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("task", {})
+    return f"{task.get('type', 'worker')}{task.get('index', 0)}"
