@@ -45,6 +45,7 @@ def build_transfer_model(
     pooling="avg",
     dropout=0.2,
     hidden_units=(),
+    kernel_regularizer=None,
     augmentation=None,
     trainable_layers=0,
     name=None,
@@ -68,6 +69,8 @@ def build_transfer_model(
         pooling: `"avg"`, `"max"` or `None` (flatten).
         dropout: dropout rate before each dense layer of the head.
         hidden_units: sizes of hidden `Dense(relu)` layers in the head.
+        kernel_regularizer: regularizer of the head's Dense kernels, e.g.
+            `keras.regularizers.L1L2(l1=0.0, l2=1e-4)` or `"l2"`.
         augmentation: `None`, a preset name (see `tlkeras.data`), a layer, or
             a list of layers, applied only in training.
         trainable_layers: unfreeze the top N layers of the base
@@ -108,10 +111,12 @@ def build_transfer_model(
     for i, width in enumerate(hidden_units):
         if dropout:
             x = keras.layers.Dropout(dropout, name=f"head_dropout_{i}")(x)
-        x = keras.layers.Dense(width, activation="relu", name=f"head_dense_{i}")(x)
+        x = keras.layers.Dense(width, activation="relu", kernel_regularizer=kernel_regularizer,
+                               name=f"head_dense_{i}")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(units, activation=activation, dtype="float32", name="predictions")(x)
+    outputs = keras.layers.Dense(units, activation=activation, dtype="float32",
+                                 kernel_regularizer=kernel_regularizer, name="predictions")(x)
     model = keras.Model(inputs, outputs, name=name or f"{base_layer.name}_transfer")
     freeze(model)
     if trainable_layers:
