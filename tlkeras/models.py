@@ -236,7 +236,8 @@ def base_blocks(base):
 
     Returns a list of `(block_name, [layers])`. For a `keras.applications`
     base these are the family's own blocks (see `tlkeras.backbones`); for any
-    other model each layer with weights starts a new block.
+    other model each layer with weights (other than BatchNormalization)
+    starts a new block.
     """
     layers = _base_layers(base)
     spec = backbones.find_spec_for_model(base)
@@ -245,7 +246,8 @@ def base_blocks(base):
     else:
         names, current = [], layers[0].name if layers else "stem"
         for layer in layers:
-            current = layer.name if layer.weights else current
+            starts_block = layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+            current = layer.name if starts_block else current
             names.append(current)
     blocks = []
     for name, layer in zip(names, layers):
