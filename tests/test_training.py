@@ -125,7 +125,8 @@ def test_mixed_precision_on_cpu_keeps_float32_output_and_restores_policy(pretrai
 SCRIPT = """
 import sys, time, json
 sys.path.insert(0, {tests!r})
-import keras, numpy as np, tlkeras
+import keras, numpy as np, tensorflow as tf, tlkeras
+{prelude}
 from conftest import digits_rgb
 from test_training import tiny_base
 
@@ -147,11 +148,12 @@ print("DONE", len(result.history["loss"]))
 """
 
 
-def _script(tmp_path, n=96, sleep=0.0, extra=None):
+def _script(tmp_path, n=96, sleep=0.0, extra=None, prelude=""):
     progress, out = tmp_path / "progress.txt", tmp_path / "weights.npz"
     path = tmp_path / "train.py"
     path.write_text(SCRIPT.format(tests=os.path.join(REPO, "tests"), progress=str(progress), sleep=sleep, n=n,
-                                  log_dir=str(tmp_path / "run"), out=str(out), extra=extra or {}))
+                                  log_dir=str(tmp_path / "run"), out=str(out), extra=extra or "{}",
+                                  prelude=prelude))
     return path, progress, out
 
 
@@ -191,6 +193,9 @@ def _free_port():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "Keras 3 Model.fit does not run under MultiWorkerMirroredStrategy (PerReplica conversion "
+    "error, keras-team/keras#20585; plain Keras fails the same way here). strict: turns red once it works."))
 def test_multi_worker_mirrored_strategy_two_workers_agree(tmp_path):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -198,7 +203,9 @@ def test_multi_worker_mirrored_strategy_two_workers_agree(tmp_path):
     for index in range(2):
         d = tmp_path / f"w{index}"
         d.mkdir()
-        script, _, out = _script(d, n=64, extra={"strategy": "multiworker"})
+        # As in any multi-worker program, the strategy is created before any other TF op runs.
+        script, _, out = _script(d, n=64, extra="dict(strategy=strategy)",
+                                 prelude="strategy = tf.distribute.MultiWorkerMirroredStrategy()")
         script.write_text(script.read_text().replace(str(d / "run"), str(tmp_path / "run")))
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
                "CUDA_VISIBLE_DEVICES": ""}
@@ -207,7 +214,7 @@ def test_multi_worker_mirrored_strategy_two_workers_agree(tmp_path):
         outs.append(out)
     logs = [p.communicate(timeout=400)[0] for p in procs]
     for proc, log in zip(procs, logs):
-        assert proc.returncode == 0 and "DONE 6" in log, log[-4000:]
+        assert proc.returncode == 0 and "DONE 6" in log, log[-12000:]
     first, second = np.load(outs[0]), np.load(outs[1])
     assert len(first.files) == len(second.files) > 0
     for key in first.files:

@@ -119,7 +119,8 @@ def fine_tune(
             several GPUs), `"multiworker"` (`MultiWorkerMirroredStrategy` from
             `TF_CONFIG`), or a `tf.distribute.Strategy`.
         jit_compile: XLA-compile the train step.
-        cache_features: `"auto"`, `True` or `False` for phase 1.
+        cache_features: `"auto"`, `True` or `False` for phase 1 (`"auto"`: on when
+            there is no augmentation and no distribution strategy).
         early_stopping: patience in epochs (per phase), or `None`.
         callbacks: more Keras callbacks, used in both phases.
         class_names: for TensorBoard images and `config.json`; defaults to
@@ -206,7 +207,14 @@ def resolve_strategy(strategy=None):
     if strategy == "mirrored":
         return tf.distribute.MirroredStrategy()
     if strategy == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as error:
+            raise RuntimeError(
+                "strategy='multiworker' must be created before any TensorFlow op runs: create "
+                "`strategy = tf.distribute.MultiWorkerMirroredStrategy()` first thing in your "
+                f"program and pass strategy=strategy ({error})."
+            ) from error
     raise ValueError(
         "Expected strategy to be None, 'auto', 'mirrored', 'multiworker' or a "
         f"tf.distribute.Strategy, received strategy={strategy!r}."
@@ -270,7 +278,10 @@ def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weig
     if cache_features is True and augmented:
         raise ValueError("cache_features=True, but the training data is augmented (in the model or the "
                          "pipeline): cached features would freeze one augmentation. Use 'auto' or False.")
-    use_cache = bool(cache_features) and not augmented
+    distributed = tf.distribute.has_strategy()  # inside a non-default strategy's scope
+    if cache_features is True and distributed:
+        raise ValueError("cache_features=True is not supported with a distribution strategy; use 'auto'.")
+    use_cache = bool(cache_features) and not augmented and not distributed
     loss, metric_list = loss_and_metrics(task, smoothing, metrics)
     fit_model, fit_train, fit_val = model, train, val
     if use_cache:
@@ -342,7 +353,8 @@ class _RunFolder:
         if os.path.exists(history):
             with open(history) as f:
                 for row in csv.DictReader(f):
-                    self.rows[int(row.pop("epoch"))] = {k: float(v) for k, v in row.items() if v != ""}
+                    epoch = int(row.pop("epoch"))
+                    self.rows[epoch] = {k: float(v) for k, v in row.items() if v != ""}
 
     def sub(self, name):
         return os.path.join(self.path, name) if self.path else None
