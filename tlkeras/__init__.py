@@ -57,3 +57,4 @@ from tlkeras.training import FineTuneResult, fine_tune  # noqa: E402,F401
 # tlkeras.text registers the layers that text models saved to .keras need.
 from tlkeras import text  # noqa: E402,F401
 from tlkeras.hub import HubLayer  # noqa: E402,F401
+from tlkeras.tuning import TuneResult, tune  # noqa: E402,F401

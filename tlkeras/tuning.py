@@ -1,0 +1,506 @@
+"""Keras Tuner search over how deep to unfreeze, at what learning rate: cheap, resumable, visible.
+
+`tune` answers "how many blocks of the base should fine-tuning unfreeze, at
+what learning rate, with what dropout (and head width)?" in one call. It is
+two-phase fine-tuning (`tlkeras.fine_tune`) split so that a search costs
+little more than its trials' fine-tuning:
+
+- Phase 1 (the head on the frozen base) runs once per search: the base's
+  features of the training and validation data are computed once
+  (`tlkeras.extract_features`, cached in the search directory) and the head
+  is trained on them; its weights are saved in the directory. A head width
+  in the search space changes the head's shape, so phase 1 then trains one
+  head per distinct width, on the same cached features; dropout does not
+  (phase 1 uses the dropout space's default value, each trial its own).
+- Every trial builds a fresh copy of the model, loads that head and runs
+  phase 2 only: unfreeze its depth (in the architecture's blocks, see
+  `tlkeras.models.base_blocks`), fine-tune at its learning rate (linear
+  warm-up over the first tenth of the steps, then cosine decay).
+  Hyperband's epoch budget is the number of fine-tune epochs; a Hyperband
+  trial that continues an earlier one starts from that trial's checkpoint.
+
+Example:
+
+>>> result = tlkeras.tune("EfficientNetB0", train_ds, val_ds, num_classes=5,
+...                       tuner="bayesian", max_trials=12, max_epochs=4,
+...                       directory="tuning", project_name="flowers",
+...                       export_dir="export/flowers")
+>>> result.best_hyperparameters
+{'unfreeze_depth': 3, 'learning_rate': 0.00021, 'dropout': 0.2}
+>>> result.best_model.predict(images)
+
+Search space: by default `unfreeze_depth` (a choice over the base's block
+boundaries, 0 = head only ... every block), `learning_rate` (phase 2 peak,
+1e-5 to 1e-3, log scale) and `dropout` (0 to 0.5). Narrow or extend it with a
+dict; each value is a list (a choice), a constant, or a callable `hp -> value`
+using any Keras Tuner hyperparameter; the keys are `SEARCH_SPACE_KEYS`:
+
+>>> tlkeras.tune(..., search_space={
+...     "unfreeze_depth": [0, 2, 4],
+...     "learning_rate": lambda hp: hp.Float("learning_rate", 1e-5, 1e-4, sampling="log"),
+...     "dropout": 0.3,                 # fixed
+...     "head_units": [0, 128, 256],    # one phase-1 head per width
+...     "optimizer": ["adam", "sgd"]})
+
+or pass a callable `hp -> dict` that declares the whole space itself.
+
+Directory (`<directory>/<project_name>/`): Keras Tuner's own files (
+`oracle.json`, `trial_<id>/trial.json` and `checkpoint.weights.h5`),
+`features/` (the cached base features), `phase1/` (the trained heads),
+`logs/trial_<id>/` (TensorBoard: loss and metric curves, and the trial's
+hyperparameters for the HParams dashboard: `tensorboard --logdir
+<directory>/<project_name>/logs`), `trials.csv` and
+`best_hyperparameters.json`.
+
+Resuming: run the same call again with `overwrite=False` (the default) after an
+interruption. Finished trials are not repeated (Keras Tuner reloads its
+oracle; a trial that was running is run again), and neither is phase 1 or the
+feature extraction.
+
+Distributed search: Keras Tuner's own. Start the same script on each machine
+with these environment variables (all processes must see the same
+`directory`, e.g. a shared disk, to exchange the heads and checkpoints):
+
+    export KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000
+    KERASTUNER_TUNER_ID=chief python search.py    # on the chief's machine
+    KERASTUNER_TUNER_ID=tuner0 python search.py   # on each worker: tuner0, tuner1, ...
+
+The chief only serves the oracle (over gRPC, the `grpcio` package) and
+returns when every trial is done, with the best model (and its export); a
+worker runs trials and returns the trial table, without the best model. Each
+worker that needs phase 1 computes the features once (or finds them in the
+shared directory); workers never pass `overwrite=True` on.
+"""
+
+import copy
+import csv
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import keras_tuner as kt
+import numpy as np
+
+from tlkeras import features, models, training
+
+logger = logging.getLogger("tlkeras")
+
+TUNERS = {
+    "hyperband": kt.Hyperband,
+    "bayesian": kt.BayesianOptimization,
+    "random": kt.RandomSearch,
+    "grid": kt.GridSearch,
+}
+SEARCH_SPACE_KEYS = ("unfreeze_depth", "learning_rate", "dropout", "head_units", "optimizer",
+                     "label_smoothing")
+
+
+@dataclasses.dataclass
+class TuneResult:
+    """What `tune` found.
+
+    Attributes:
+        best_hyperparameters: the best trial's values (`unfreeze_depth`, ...).
+        best_score: its objective value.
+        best_model: the best trial's model, restored at its best epoch (None
+            on a distributed-search worker).
+        trials: one dict per trial: `trial_id`, `status`, the
+            hyperparameters, the objective, `epochs` and `seconds`.
+        csv_path: the same table as CSV.
+        directory: the search's folder, `<directory>/<project_name>`.
+        tuner: the `keras_tuner.Tuner`.
+        export: the `tlkeras.export_model` result when `export_dir` was given.
+    """
+
+    best_hyperparameters: dict
+    best_score: float
+    best_model: keras.Model | None
+    trials: list
+    csv_path: str
+    directory: str
+    tuner: kt.Tuner
+    export: object = None
+
+
+def tune(
+    base_or_model,
+    train_data,
+    validation_data,
+    *,
+    num_classes=None,
+    task="multiclass",
+    input_shape=None,
+    weights="imagenet",
+    search_space=None,
+    tuner="hyperband",
+    max_trials=10,
+    max_epochs=3,
+    objective="val_accuracy",
+    directory="tuning",
+    project_name="tlkeras",
+    overwrite=False,
+    head_epochs=5,
+    head_learning_rate=1e-3,
+    callbacks=(),
+    export_dir=None,
+    export_formats=("keras",),
+    seed=None,
+    verbose=1,
+    **tuner_kwargs,
+):
+    """Searches unfreeze depth, learning rate, dropout (...) of a transfer model.
+
+    Args:
+        base_or_model: a backbone name, a `keras.Model` base, or a model from
+            `tlkeras.build_transfer_model` (its head is rebuilt per trial).
+        train_data, validation_data: `tf.data.Dataset`s of `(images, labels)`
+            batches, without random augmentation in the pipeline (phase 1
+            caches features; an "augmentation" layer in the model is fine: it
+            acts in phase 2 only).
+        num_classes, task, input_shape, weights: as in `build_transfer_model`,
+            when `base_or_model` is a base; `input_shape` defaults to the
+            data's.
+        search_space: `None` (the default space), a dict of overrides, or a
+            callable `hp -> dict` (see the module docstring).
+        tuner: `"hyperband"`, `"bayesian"`, `"random"` or `"grid"`.
+        max_trials: the most trials to run (Hyperband: a cap on its own
+            schedule; `None` lets it run its full schedule).
+        max_epochs: fine-tune epochs per trial (Hyperband: its `max_epochs`).
+        objective: the metric to optimize, e.g. `"val_accuracy"`, `"val_loss"`.
+        directory, project_name: the search's folder is
+            `directory/project_name`.
+        overwrite: start afresh instead of resuming a search found there.
+        head_epochs, head_learning_rate: phase 1 (Adam on the cached features).
+        callbacks: more Keras callbacks for every trial's phase 2.
+        export_dir: export the best model there with `tlkeras.export_model`.
+        export_formats: the formats to export.
+        seed: seeds the tuner, the head's initial weights and shuffling.
+        verbose: 0 silent, 1 Keras Tuner's and Keras' progress output.
+        **tuner_kwargs: more arguments of the Keras Tuner class, e.g.
+            `factor=3` (Hyperband) or `num_initial_points=4` (Bayesian).
+
+    Returns:
+        A `TuneResult`; the trial table is also printed (when `verbose`).
+    """
+    if tuner not in TUNERS:
+        raise ValueError(f"Expected tuner in {sorted(TUNERS)}, received tuner={tuner!r}.")
+    if validation_data is None:
+        raise ValueError(f"tune needs validation_data to compute objective={objective!r}.")
+    for name, data in (("train_data", train_data), ("validation_data", validation_data)):
+        if not hasattr(data, "element_spec"):
+            raise TypeError(f"tune: expected {name} to be a tf.data.Dataset of (images, labels) "
+                            f"batches, received {type(data).__name__}.")
+    worker = _is_distributed_worker()
+    reference = _reference_model(base_or_model, train_data, num_classes, task, input_shape, weights)
+    project_dir = os.path.join(os.fspath(directory), project_name)
+    hypermodel = TransferHyperModel(
+        reference, search_space, project_dir=project_dir, head_epochs=head_epochs,
+        head_learning_rate=head_learning_rate, seed=seed)
+    kind = TUNERS[tuner]
+    budget = {"max_epochs": max_epochs} if tuner == "hyperband" else {"max_trials": max_trials}
+    search = kind(hypermodel, objective=objective, directory=os.fspath(directory),
+                  project_name=project_name, overwrite=overwrite and not worker, seed=seed,
+                  **budget, **tuner_kwargs)
+    if tuner == "hyperband" and max_trials is not None and not worker:
+        search.oracle.max_trials = max_trials
+    search.search(train_data, validation_data=validation_data, epochs=max_epochs,
+                  callbacks=list(callbacks), verbose=verbose)
+    return _result(search, project_dir, worker, train_data, validation_data, export_dir,
+                   export_formats, verbose)
+
+
+class TransferHyperModel(kt.HyperModel):
+    """A Keras Tuner `HyperModel` for two-phase fine-tuning of one transfer model.
+
+    `build(hp)` makes a fresh copy of `reference` with the trial's head;
+    `fit(hp, model, train, validation_data=..., epochs=...)` loads the phase-1
+    head (training it first, once per head shape, on features computed once)
+    and runs phase 2. Works with every Keras Tuner tuner; `tune` is the
+    usual way in.
+
+    Args:
+        reference: a model from `tlkeras.build_transfer_model` holding the
+            pretrained base (not modified).
+        search_space: see `tune`.
+        project_dir: where `features/`, `phase1/` and `logs/` go.
+        head_epochs, head_learning_rate, seed: see `tune`.
+    """
+
+    def __init__(self, reference, search_space=None, *, project_dir, head_epochs=5,
+                 head_learning_rate=1e-3, seed=None):
+        super().__init__(name="tlkeras")
+        self.project_dir = project_dir
+        self.head_epochs = head_epochs
+        self.head_learning_rate = head_learning_rate
+        self.seed = seed
+        self.search_space = search_space
+        self.task = models.infer_task(reference)
+        predictions = reference.get_layer("predictions")
+        self._units, self._activation = predictions.units, predictions.activation
+        self._class, self._config = reference.__class__, reference.get_config()
+        self._weights = reference.get_weights()
+        blocks = models.base_blocks(models.get_base(reference))
+        # Depths where one more block brings weights that train (BatchNormalization never does).
+        n = len(blocks)
+        self.depths = [0] + [d for d in range(1, n + 1) if _trains(blocks[n - d][1])]
+        hidden = [layer.units for layer in reference.layers if layer.name.startswith("head_dense_")]
+        self.defaults = {"unfreeze_depth": self.depths[-1], "learning_rate": 1e-4, "dropout": 0.2,
+                         "head_units": hidden[0] if hidden else 0, "optimizer": "adam",
+                         "label_smoothing": 0.0}
+        self._features = None
+        self._steps = None
+        self.feature_extractions = 0  # base passes over the data in this process (phase 1)
+        self.heads_trained = 0
+
+    def values(self, hp):
+        """The trial's settings: the search space's values, defaults for the rest."""
+        space = self.search_space
+        if callable(space):
+            chosen = space(hp)
+            if not isinstance(chosen, dict):
+                raise kt.errors.FatalTypeError("search_space: the callable must return a dict, "
+                                               f"returned {type(chosen).__name__}.")
+        else:
+            space = {
+                "unfreeze_depth": self.depths,
+                "learning_rate": lambda hp: hp.Float("learning_rate", 1e-5, 1e-3, sampling="log",
+                                                     default=1e-4),
+                "dropout": lambda hp: hp.Choice("dropout", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                                                default=0.2),
+                **(space or {}),
+            }
+            chosen = {}
+            for key, spec in space.items():
+                if callable(spec):
+                    chosen[key] = spec(hp)
+                elif isinstance(spec, (list, tuple)):
+                    chosen[key] = hp.Choice(key, list(spec))
+                else:
+                    chosen[key] = spec
+        # Fatal errors: Keras Tuner re-raises them instead of recording a failed trial.
+        unknown = sorted(set(chosen) - set(SEARCH_SPACE_KEYS))
+        if unknown:
+            raise kt.errors.FatalValueError(
+                f"search_space: unknown keys {unknown}; expected keys from {SEARCH_SPACE_KEYS}.")
+        values = {**self.defaults, **chosen}
+        depths = space.get("unfreeze_depth") if isinstance(space, dict) else None
+        for depth in depths if isinstance(depths, (list, tuple)) else [values["unfreeze_depth"]]:
+            if depth != "all" and depth not in range(self.depths[-1] + 1):
+                raise kt.errors.FatalValueError(
+                    f"search_space: unfreeze_depth={depth!r} is not a depth of this base (0 to "
+                    f"{self.depths[-1]} blocks, or 'all').")
+        return values
+
+    def build(self, hp):
+        values = self.values(hp)
+        return self._model(values["head_units"], values["dropout"])
+
+    def fit(self, hp, model, x, validation_data=None, *, epochs=1, initial_epoch=0, callbacks=(),
+            verbose=1, **kwargs):
+        start = time.perf_counter()
+        values = self.values(hp)
+        if self.seed is not None:
+            keras.utils.set_random_seed(self.seed)
+        if "tuner/trial_id" not in hp.values:  # else Hyperband loaded the earlier trial's weights
+            self._load_head(model, values["head_units"], x, validation_data, verbose)
+        models.unfreeze(model, values["unfreeze_depth"], unit="blocks")
+        if self._steps is None:
+            self._steps = training._steps_per_epoch(x)
+        total = self._steps * epochs
+        warmup = total // 10
+        lr = values["learning_rate"]
+        schedule = keras.optimizers.schedules.CosineDecay(
+            lr / 100 if warmup else lr, decay_steps=max(total - warmup, 1), alpha=0.01,
+            warmup_target=lr if warmup else None, warmup_steps=warmup)
+        optimizer = training.make_optimizer(values["optimizer"], schedule)
+        loss, metrics = training.loss_and_metrics(self.task, values["label_smoothing"])
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+        if initial_epoch:  # a Hyperband continuation: resume the schedule where it would be
+            optimizer.build(model.trainable_variables)
+            optimizer.iterations.assign(initial_epoch * self._steps)
+        callbacks = list(callbacks or [])
+        trial_id = next((cb.trial.trial_id for cb in callbacks if hasattr(cb, "trial")), None)
+        if trial_id is not None:
+            from tlkeras import callbacks as tb
+
+            log_dir = os.path.join(self.project_dir, "logs", f"trial_{trial_id}")
+            hparams = {k: v for k, v in hp.values.items()
+                       if k not in ("tuner/bracket", "tuner/round")}
+            callbacks += [tb.EpochTensorBoard(log_dir, write_graph=False),
+                          tb.HParamsCallback(hparams, log_dir, trial_id=f"trial_{trial_id}")]
+        history = model.fit(x, validation_data=validation_data, epochs=epochs,
+                            initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
+                            **kwargs)
+        # Constant columns: Keras Tuner keeps the best epoch's values as the trial's metrics.
+        n = len(history.epoch)
+        history.history["epochs"] = [float(n)] * n
+        history.history["seconds"] = [time.perf_counter() - start] * n
+        return history
+
+    def _model(self, head_units, dropout):
+        """A fresh copy of the reference's image -> features part, with a new head."""
+        full = self._class.from_config(copy.deepcopy(self._config))  # from_config consumes it
+        full.set_weights(self._weights)
+        x = full.get_layer("features").output
+        if head_units:
+            if dropout:
+                x = keras.layers.Dropout(dropout, name="head_dropout_0")(x)
+            x = keras.layers.Dense(head_units, activation="relu", name="head_dense_0")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+        outputs = keras.layers.Dense(self._units, activation=self._activation, dtype="float32",
+                                     name="predictions")(x)
+        model = keras.Model(full.inputs, outputs, name=full.name)
+        models.freeze(model)
+        return model
+
+    def _load_head(self, model, head_units, train, val, verbose):
+        """Phase 1: load the trained head of this shape, training it first if needed."""
+        dropout = self.values(kt.HyperParameters())["dropout"]  # the space's default
+        name = (f"head_units-{head_units}_dropout-{dropout}_epochs-{self.head_epochs}"
+                f"_lr-{self.head_learning_rate}_seed-{self.seed}.npz")
+        path = os.path.join(self.project_dir, "phase1", name)
+        if not os.path.exists(path):
+            phase1 = self._model(head_units, dropout)
+            train_features, val_features = self._cached_features(phase1, train, val, verbose)
+            _, head = models.split_model(phase1)
+            loss, metrics = training.loss_and_metrics(self.task)
+            head.compile(optimizer=keras.optimizers.Adam(self.head_learning_rate), loss=loss,
+                         metrics=metrics)
+            batch_size = training._batch_size(train)
+            head.fit(
+                features.features_dataset(train_features, batch_size=batch_size, seed=self.seed),
+                validation_data=features.features_dataset(val_features, batch_size=batch_size,
+                                                          shuffle=False),
+                epochs=self.head_epochs, verbose=verbose)
+            arrays = {f"{layer.name}/{i}": w for layer in _head_layers(phase1)
+                      for i, w in enumerate(layer.get_weights())}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+            self.heads_trained += 1
+        with np.load(path) as saved:
+            for layer in _head_layers(model):
+                layer.set_weights([saved[f"{layer.name}/{i}"] for i in range(len(layer.weights))])
+
+    def _cached_features(self, model, train, val, verbose):
+        if self._features is None:
+            cache = os.path.join(self.project_dir, "features")
+            sets = []
+            for key, data in (("train", train), ("validation", val)):
+                before = set(glob.glob(os.path.join(cache, "*.npz")))
+                sets.append(features.extract_features(
+                    model, data, cache_dir=cache, key=f"{key}-{int(data.cardinality())}",
+                    verbose=verbose))
+                self.feature_extractions += sets[-1].cache_path not in before
+            self._features = tuple(sets)
+        return self._features
+
+
+def trials_table(trials, objective_name):
+    """The rows of the trial table: a dict per trial, in trial-id order."""
+    rows = []
+    for trial in sorted(trials, key=lambda t: t.trial_id):
+        values = trial.hyperparameters.values
+        row = {"trial_id": trial.trial_id, "status": trial.status}
+        row.update({k: v for k, v in values.items() if not k.startswith("tuner/")})
+        if "tuner/trial_id" in values:
+            row["continues"] = values["tuner/trial_id"]
+        metrics = trial.metrics
+        row[objective_name] = trial.score
+        for name in ("epochs", "seconds"):
+            row[name] = metrics.get_last_value(name) if metrics.exists(name) else None
+        row["epochs"] = int(row["epochs"]) if row["epochs"] is not None else None
+        rows.append(row)
+    return rows
+
+
+def format_table(rows):
+    """The trial table as fixed-width text."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return "" if value is None else str(value)
+
+    cells = [[fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _result(search, project_dir, worker, train, val, export_dir, export_formats, verbose):
+    objective = search.oracle.objective
+    trials = [kt.engine.trial.Trial.load(f)
+              for f in glob.glob(os.path.join(project_dir, "trial_*", "trial.json"))]
+    rows = trials_table(trials, objective.name)
+    csv_path = os.path.join(project_dir, "trials.csv")
+    if not worker:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+    if verbose:
+        print(format_table(rows))
+    done = [t for t in trials if t.status == "COMPLETED" and t.score is not None]
+    if not done:
+        raise RuntimeError(f"No trial of the search in {project_dir} completed; see "
+                           "trial_*/trial.json for their errors (verbose=1 shows them as they "
+                           "happen).")
+    best = (max if objective.direction == "max" else min)(done, key=lambda t: t.score)
+    best_values = {k: v for k, v in best.hyperparameters.values.items()
+                   if not k.startswith("tuner/")}
+    result = TuneResult(best_values, best.score, None, rows, csv_path, project_dir, search)
+    if worker:
+        return result
+    with open(os.path.join(project_dir, "best_hyperparameters.json"), "w") as f:
+        json.dump({"trial_id": best.trial_id, objective.name: best.score, **best_values}, f,
+                  indent=2, default=str)
+    result.best_model = search.load_model(best)
+    if export_dir is not None:
+        from tlkeras.export import export_model
+
+        result.export = export_model(result.best_model, export_dir, formats=export_formats,
+                                     class_names=getattr(train, "class_names", None),
+                                     representative_data=val)
+    return result
+
+
+def _reference_model(base_or_model, train, num_classes, task, input_shape, weights):
+    if isinstance(base_or_model, keras.Model):
+        names = {layer.name for layer in base_or_model.layers}
+        if {"features", "predictions"} <= names:
+            return base_or_model
+    if input_shape is None:
+        spec = train.element_spec
+        shape = (spec[0] if isinstance(spec, tuple) else spec).shape
+        if shape.rank != 4 or None in shape[1:]:
+            raise ValueError(f"tune: cannot tell the image size from train_data (batches of shape "
+                             f"{shape}); pass input_shape=(height, width, 3).")
+        input_shape = tuple(shape[1:])
+    return models.build_transfer_model(base_or_model, num_classes, task=task,
+                                       input_shape=input_shape, weights=weights)
+
+
+def _trains(layers):
+    return any(layer.weights for layer in layers
+               if not isinstance(layer, keras.layers.BatchNormalization))
+
+
+def _head_layers(model):
+    names = [layer.name for layer in model.layers]
+    return model.layers[names.index("features") + 1:]
+
+
+def _is_distributed_worker():
+    from keras_tuner.src.distribute import utils
+
+    return utils.has_chief_oracle() and not utils.is_chief_oracle()
