@@ -52,6 +52,11 @@ def test_features_match_the_extractor_and_labels(folder):
     assert fs.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
     feats, labels = fs
     assert feats is fs.features and fs.cache_path is None
+    # The model stays splittable afterwards (head with dropout and hidden layers).
+    bigger = tlkeras.build_transfer_model(tlkeras.get_base(model), num_classes=3,
+                                          weights=None, dropout=0.2, hidden_units=(4,))
+    extract_features(bigger, ds, verbose=0)
+    assert tlkeras.split_model(bigger)[1].output_shape == (None, 3)
     # A plain base (4D output) is average-pooled.
     base = tlkeras.get_base(model)
     pooled, _ = extract_features(base, ds, verbose=0)

@@ -174,7 +174,14 @@ def _to_rgb(im):
 
 
 def _check_file(path, convert_dir):
-    """Returns ("good", ImageRecord) or ("bad", reason)."""
+    """Returns ("good", ImageRecord) or ("bad", reason); never raises."""
+    try:
+        return _check_image(path, convert_dir)
+    except Exception as e:  # noqa: BLE001 - e.g. permissions, a file removed meanwhile
+        return "bad", f"cannot read: {e}"
+
+
+def _check_image(path, convert_dir):
     size = os.path.getsize(path)
     if size == 0:
         return "bad", "empty file (0 bytes)"
@@ -269,7 +276,11 @@ def _scan_files(files, root, *, ignored=(), strict=False, report_path=None, num_
     results, todo = {}, []
     for p in files:
         p = os.path.abspath(p)
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:  # e.g. a broken symlink
+            results[p] = ("bad", f"cannot read: {e}")
+            continue
         entry = index.get(p)
         if (entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns
                 and (entry[2] == "bad" or os.path.exists(entry[3]["read_path"]))):
@@ -526,7 +537,7 @@ def _attach(ds, class_names, records=None, labels=None, report=None):
 
 
 def _class_folders(path, class_names, exts):
-    """(class_names, [files per class]) with clear errors."""
+    """(class_names, [files per class], other files) with clear errors."""
     subdirs = sorted(d for d in os.listdir(path)
                      if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
     if class_names is not None:
@@ -540,12 +551,14 @@ def _class_folders(path, class_names, exts):
         raise ValueError(f"No class subfolders in {path!r}" + (
             "; the images lie directly in it. Put each class in its own subfolder "
             "(or use labels=None)." if has_files else " and no files to read."))
-    per_class = []
+    per_class, others = [], []
     for d in subdirs:
-        per_class.append(_list_images(os.path.join(path, d), exts)[0])
+        files, rest = _list_images(os.path.join(path, d), exts)
+        per_class.append(files)
+        others += rest
     if not any(per_class):
         raise ValueError(f"No files with extensions {exts} in the class folders of {path!r}.")
-    return subdirs, per_class
+    return subdirs, per_class, others
 
 
 def _check_classes(path, class_names, counts, bad_by_class=None):
@@ -628,10 +641,10 @@ def from_directory(path, image_size, *, validation_split=None, subset=None, seed
         names, records, y = class_names, report.images, None
         groups = [0] * len(records)
     else:
-        names, per_class = _class_folders(path, class_names, IMAGE_EXTENSIONS)
+        names, per_class, ignored = _class_folders(path, class_names, IMAGE_EXTENSIONS)
         all_files = [f for fs in per_class for f in fs]
-        report = _scan_files(all_files, path, strict=strict, report_path=report_path,
-                             num_workers=num_workers)
+        report = _scan_files(all_files, path, ignored=ignored, strict=strict,
+                             report_path=report_path, num_workers=num_workers)
         by_path = {r.path: r for r in report.images}
         bad = dict(report.bad)
         records, y, bad_by_class = [], [], {}
@@ -915,7 +928,7 @@ def from_text_directory(path, *, batch_size=32, validation_split=None, subset=No
     tf.string
     """
     path = _check_dir(path)
-    names, per_class = _class_folders(path, class_names, (".txt",))
+    names, per_class, _ = _class_folders(path, class_names, (".txt",))
     _check_classes(path, names, [len(fs) for fs in per_class])
     if validation_split is not None and subset is None:
         raise ValueError("subset='training', 'validation' or 'both' is needed with "

@@ -58,9 +58,10 @@ def _extractor(model_or_base):
                         f"a base), received {type(model_or_base).__name__}.")
     names = {layer.name for layer in model_or_base.layers}
     if "features" in names and "predictions" in names:
-        from tlkeras.models import split_model
-
-        return split_model(model_or_base)[0]
+        # The image -> "features" half of tlkeras.split_model, built without the head half
+        # (making a head calls the head layers again, which split_model cannot do twice).
+        features = model_or_base.get_layer("features").output
+        return keras.Model(model_or_base.inputs, features, name=f"{model_or_base.name}_features")
     if len(model_or_base.output.shape) == 4:  # a base without pooling: average-pool it
         inputs = keras.Input(tuple(model_or_base.inputs[0].shape[1:]), name="image")
         pooled = keras.layers.GlobalAveragePooling2D(name="features")(
@@ -131,13 +132,18 @@ def extract_features(model_or_base, dataset, *, cache_dir=None, key=None, verbos
             logger.info("Loaded %d cached features from %s", len(out), path)
             return out
 
+    spec = dataset.element_spec
+    spec = spec[0] if isinstance(spec, tuple) else spec
+    step = tf.function(  # one trace for every batch size, the last partial batch included
+        lambda x: tf.cast(extractor(x, training=False), tf.float32),
+        input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
     steps = int(dataset.cardinality())
     bar = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose,
                               unit_name="batch")
     feats, labels = [], []
     for i, batch in enumerate(dataset):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        feats.append(np.asarray(extractor.predict_on_batch(x), np.float32))
+        feats.append(step(x).numpy())
         if isinstance(batch, (tuple, list)) and len(batch) > 1:
             labels.append(np.asarray(batch[1]))
         bar.update(i + 1)
