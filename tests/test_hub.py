@@ -155,13 +155,17 @@ def test_mixed_precision_runs_with_float32_output(exported, data):
     np.testing.assert_allclose(hub.HubLayer(path)(x), original(x, training=False), atol=1e-5)
 
 
-def test_keras_file_round_trip_keeps_fine_tuned_weights(exported, data, tmp_path):
+def test_keras_file_round_trip_keeps_fine_tuned_weights(exported, data, tmp_path, monkeypatch):
     path, original = exported
     x, y = data
     model = _classifier(hub.HubLayer(path, trainable=True))
     model.fit(x, y, epochs=2, batch_size=8, verbose=0)
     file = str(tmp_path / "model.keras")
     model.save(file)
+    # Safe mode trusts handles this process loaded (clone_model works), no others.
+    clone = keras.models.clone_model(model)
+    assert isinstance(clone.layers[1], hub.HubLayer)
+    monkeypatch.setattr(hub, "_TRUSTED_HANDLES", set())  # as in a fresh process
     with pytest.raises(ValueError, match="safe_mode=False"):
         keras.models.load_model(file)
     loaded = keras.models.load_model(file, safe_mode=False)
@@ -270,9 +274,10 @@ def test_build_transfer_model_from_hub_module(exported, tmp_path):
     tlkeras.unfreeze(model)
     model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
     model.fit(pixels, labels, epochs=1, verbose=0)
-    assert not np.allclose(
-        _values(base)["tiny_features_proj_kernel"], before["tiny_features_proj_kernel"]
-    )
+    after = _values(base)
+    assert not np.allclose(after["tiny_features_proj_kernel"], before["tiny_features_proj_kernel"])
+    for name in ("tiny_features_bn_moving_mean", "tiny_features_bn_moving_variance"):
+        np.testing.assert_array_equal(after[name], before[name])  # inference mode, as every base
     result = tlkeras.export_model(
         model, str(tmp_path / "exported"), formats=("saved_model",), representative_data=pixels
     )

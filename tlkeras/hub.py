@@ -47,7 +47,9 @@ from keras.src.saving import serialization_lib
 from tlkeras import models
 
 _URL_PREFIXES = ("https://", "http://")
-_KERAS_HUB_SCHEMES = ("hf://", "kaggle://", "modelscope://", "gs://")
+# Handles this process has loaded: rebuilding a model from its config (clone_model,
+# Model.from_config, tuners) may reload these even in safe mode.
+_TRUSTED_HANDLES = set()
 
 
 def cache_dir():
@@ -147,7 +149,8 @@ class HubLayer(keras.layers.Layer):
         signature: name of a serving signature to call (e.g.
             `"serving_default"`) instead of the module's `__call__`.
         output_key: key to pick from a dict of outputs.
-        arguments: dict of extra keyword arguments for every call.
+        arguments: dict of extra keyword arguments for every call;
+            `{"training": False}` keeps the module in inference mode always.
         **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`).
 
     The `training` argument reaches modules whose `__call__` accepts it (e.g.
@@ -158,8 +161,11 @@ class HubLayer(keras.layers.Layer):
     Saving: a model holding a `HubLayer` saves to `.keras`; loading it reloads
     the SavedModel from `handle` (so the handle must still resolve), restores
     the fine-tuned weights, and needs `safe_mode=False` because a SavedModel
-    carries its own graph code. For a self-contained artifact export the model
-    as a SavedModel (`tlkeras.export_model`, or `model.export(path)`).
+    carries its own graph code; only handles this process has already loaded
+    (so rebuilding a model from its config, as `clone_model` does) are
+    trusted in safe mode. For a self-contained
+    artifact export the model as a SavedModel (`tlkeras.export_model(model,
+    dir, formats=("saved_model", "tflite"))`, or `model.export(path)`).
 
     Example:
 
@@ -180,6 +186,7 @@ class HubLayer(keras.layers.Layer):
         self.output_key = output_key
         self.arguments = dict(arguments or {})
         self._module = tf.saved_model.load(resolve(self.handle))
+        _TRUSTED_HANDLES.add(self.handle)
         self._func, self._is_signature = self._pick_function(signature)
         concrete = _concrete_functions(self._func)
         self._accepts_training = not self._is_signature and "training" in _parameter_names(
@@ -241,6 +248,7 @@ class HubLayer(keras.layers.Layer):
                 inputs = {names[0]: inputs}
             outputs = self._func(**inputs, **kwargs)
         elif self._accepts_training:
+            training = kwargs.pop("training", training)  # arguments={"training": False} pins it
             if isinstance(training, tf.Tensor):
                 training = tf.logical_and(training, self.trainable)
                 outputs = tf.cond(
@@ -278,12 +286,12 @@ class HubLayer(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        if serialization_lib.in_safe_mode() is not False:
+        trusted = config.get("handle") in _TRUSTED_HANDLES
+        if not trusted and serialization_lib.in_safe_mode() is not False:
             raise ValueError(
                 f"Loading a HubLayer reloads the SavedModel {config.get('handle')!r}, which may "
-                "run "
-                "arbitrary graph code, so Keras' safe mode forbids it. If you trust it, load with "
-                "keras.models.load_model(path, safe_mode=False) (or call "
+                "run arbitrary graph code, so Keras' safe mode forbids it. If you trust it, load "
+                "with keras.models.load_model(path, safe_mode=False) (or call "
                 "keras.config.enable_unsafe_deserialization())."
             )
         return cls(**config)
@@ -358,7 +366,9 @@ def build_features(base, *, input_shape=None, weights="imagenet", pooling="avg",
                 f"build_transfer_model({base!r}): pass input_shape=(height, width, 3) for a TF Hub "
                 "image module (see its documentation for the size it was trained on)."
             )
-        layer = HubLayer(base, name="hub_layer")
+        # Inference mode always, like every tlkeras base: BatchNormalization statistics stay
+        # frozen even once unfrozen (Keras passes training=True to every layer in fit()).
+        layer = HubLayer(base, arguments={"training": False}, name="hub_layer")
         inputs, features = models.image_features(
             layer, input_shape, preprocessing="unit", pooling=pooling, augmentation=augmentation
         )
@@ -393,10 +403,7 @@ def keras_hub_features(
             raise ValueError(
                 f"build_transfer_model({preset!r}): augmentation is for images, not text."
             )
-        inputs, features = text.text_features(
-            backbone, preset, input_shape=input_shape, pooling=pooling
-        )
-        return inputs, features, backbone
+        return text.text_features(backbone, preset, input_shape=input_shape, pooling=pooling)
     converter = None
     if _has_image_converter(preset):
         converter = keras_hub.layers.ImageConverter.from_preset(preset, name="preprocessing")

