@@ -357,6 +357,26 @@ def test_keras_hub_image_preset_builds_trains_and_exports(tmp_path):
     assert not np.allclose(tlkeras.get_base(random).get_weights()[0], original.get_weights()[0])
 
 
+def test_keras_hub_vision_transformer_preset_pools_its_tokens(tmp_path):
+    import keras_hub
+
+    preset = str(tmp_path / "vit")
+    keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
+    ).save_to_preset(preset)
+    keras_hub.layers.ViTImageConverter(
+        image_size=(32, 32), scale=1 / 127.5, offset=-1.0
+    ).save_to_preset(preset)
+    model = tlkeras.build_transfer_model(preset, num_classes=2)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    tokens = tlkeras.get_base(model)(model.get_layer("preprocessing")(pixels))
+    assert tokens.shape == (4, 17, 16)  # [CLS] + 4x4 patches
+    features, _ = tlkeras.split_model(model)
+    np.testing.assert_allclose(features(pixels), np.mean(tokens, axis=1), atol=1e-5)
+    first = tlkeras.build_transfer_model(preset, num_classes=2, pooling=None)
+    np.testing.assert_allclose(tlkeras.split_model(first)[0](pixels), tokens[:, 0], atol=1e-5)
+
+
 def test_unknown_string_base_is_a_clear_error(tmp_path):
     with pytest.raises(
         ValueError, match="not a keras.applications name.*TF Hub handle.*KerasHub preset"

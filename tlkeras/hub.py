@@ -9,13 +9,16 @@ which `tlkeras.build_transfer_model` accepts, as `base`:
   `https://www.kaggle.com/models/...` URL, or a SavedModel directory (holding
   `saved_model.pb`). TF Hub image modules expect pixels in [0, 1]: the model's
   "preprocessing" layer rescales the raw [0, 255] input accordingly
-  (`ImagePreprocessing("unit")`). `input_shape` is required.
+  (`ImagePreprocessing("unit")`). `input_shape` is required. The module runs
+  in inference mode (`arguments={"training": False}`), like every tlkeras base.
 - a KerasHub preset name (`"resnet_18_imagenet"`), handle (`"hf://..."`,
   `"kaggle://..."`) or local preset directory, including Hugging Face and timm
   checkpoints that KerasHub converts. Image presets get the preset's own
   `ImageConverter` as the "preprocessing" layer (it maps [0, 255] pixels to
-  what the backbone expects). Text presets build a model on raw strings; see
-  `tlkeras.text`.
+  what the backbone expects). `weights=None` initializes the backbone randomly.
+  Token outputs of vision transformers are pooled like text ("avg": mean of
+  all tokens, None: the first, [CLS] token). Text presets build a model on raw
+  strings; see `tlkeras.text`.
 
 Handles are resolved and cached the way the `tensorflow_hub` package does it
 (which tlkeras does not need): under `$TFHUB_CACHE_DIR` (default
@@ -122,7 +125,8 @@ def _download(url, target):
             url + separator + "tf-hub-format=compressed", timeout=60
         ) as response:
             with tarfile.open(fileobj=response, mode="r|*") as archive:
-                archive.extractall(tmp, filter="data")
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                archive.extractall(tmp, **safe)  # "data": no absolute paths, links out, devices
         if not _is_saved_model(tmp):
             raise OSError(f"the archive from {url} holds no saved_model.pb")
         if os.path.isdir(target):  # a broken earlier attempt
@@ -422,6 +426,13 @@ def keras_hub_features(
         x = models._augmentation_layer(augmentation)(x)
     x = converter(x)
     x = backbone(x, training=False)
+    if len(x.shape) == 3:  # vision transformers: (batch, tokens, dim)
+        from tlkeras.text import TokenPooling
+
+        if pooling not in ("avg", "max", None):
+            raise ValueError(f"Expected pooling in ('avg', 'max', None), received {pooling!r}.")
+        mask = keras.ops.ones_like(x[..., 0], dtype="bool")
+        return inputs, TokenPooling(pooling or "first", name="features")([x, mask]), backbone
     return inputs, models.pooling_layer(pooling, len(x.shape))(x), backbone
 
 
