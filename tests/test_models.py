@@ -183,3 +183,18 @@ def test_real_xception_weights_separate_classes_far_better_than_random():
         scores[weights] = cross_val_score(probe, features, y, cv=3).mean()
     assert scores[XCEPTION_WEIGHTS] > 0.9, scores
     assert scores[XCEPTION_WEIGHTS] - scores[None] > 0.3, scores
+
+
+def test_base_runs_in_inference_mode_even_when_fit_passes_training_true():
+    # Keras 3 passes the outer training flag to nested models; tlkeras' base ignores it.
+    base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
+                             keras.layers.BatchNormalization(), keras.layers.Dropout(0.9)])
+    model = tlkeras.build_transfer_model(base, 2, dropout=0.0)
+    tlkeras.unfreeze(model, "all")
+    base.layers[1].trainable = True  # even a BatchNormalization forced trainable keeps its statistics
+    x = np.random.default_rng(0).normal(100, 50, (4, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(model(x, training=True).numpy(), model(x, training=False).numpy())
+    mean = base.layers[1].moving_mean.numpy().copy()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(x, np.array([0, 1, 0, 1]), epochs=1, verbose=0)
+    np.testing.assert_array_equal(base.layers[1].moving_mean.numpy(), mean)

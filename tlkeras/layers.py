@@ -65,3 +65,34 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="tlkeras")
+class InferenceMode(keras.layers.Wrapper):
+    """Runs the wrapped base in inference mode, always.
+
+    Keras 3 functional models pass the outer `training` flag down to every
+    layer, overriding a `base(x, training=False)` written when the model was
+    built. This wrapper ignores the outer flag, so the base's BatchNormalization
+    uses its moving statistics and its dropout stays off during `fit`, in both
+    phases, also after unfreezing. `tlkeras.get_base(model)` returns the
+    wrapped base.
+    """
+
+    def __init__(self, layer, **kwargs):
+        kwargs.setdefault("name", f"{layer.name}_inference")
+        super().__init__(layer, **kwargs)
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        return self.layer(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, inputs, training=None):
+        return self.layer.compute_output_spec(inputs)

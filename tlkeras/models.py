@@ -5,7 +5,7 @@ Every model built here is a functional `keras.Model` with this layer layout:
     image (raw RGB pixels in [0, 255])
       -> "augmentation" (optional; active only in training)
       -> "preprocessing" (`ImagePreprocessing`, the architecture's own)
-      -> the base, always called with `training=False`
+      -> the base, wrapped in `InferenceMode`: always run with `training=False`
       -> "features" (pooling; the pooled feature vector)
       -> "head_dropout", "head_dense_<i>", ... -> "predictions" (float32)
 
@@ -25,7 +25,7 @@ import os
 import keras
 
 from tlkeras import backbones
-from tlkeras.layers import ImagePreprocessing
+from tlkeras.layers import ImagePreprocessing, InferenceMode
 
 TASKS = ("multiclass", "binary", "multilabel", "regression")
 _HEAD_PREFIXES = ("head_", "predictions")
@@ -136,7 +136,7 @@ def image_features(base_layer, input_shape, *, preprocessing="none", pooling="av
     if augmentation is not None:
         x = _augmentation_layer(augmentation)(x)
     x = ImagePreprocessing(preprocessing, name="preprocessing")(x)
-    x = base_layer(x, training=False)
+    x = InferenceMode(base_layer)(x)
     return inputs, pooling_layer(pooling, len(x.shape))(x)
 
 
@@ -176,7 +176,8 @@ def get_base(model):
             f"Model {model.name!r} has no layer named 'features': expected a model built by "
             "tlkeras.build_transfer_model."
         ) from None
-    return features._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    base = features._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    return base.layer if isinstance(base, InferenceMode) else base
 
 
 def split_model(model):
