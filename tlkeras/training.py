@@ -383,8 +383,10 @@ class _RunFolder:
             from tlkeras import callbacks as tb
 
             hparams = {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool))}
+            images = len(model.inputs[0].shape) == 4  # no image grids for text models
             tb_callbacks = tb.tensorboard_callbacks(
-                self.sub("logs"), validation_data=val, class_names=class_names, hparams=hparams)
+                self.sub("logs"), validation_data=val if images else None, class_names=class_names,
+                hparams=hparams)
             cbs += [cb if fit_model is model or isinstance(cb, keras.callbacks.TensorBoard)
                     else _OnModel(cb, model) for cb in tb_callbacks]
         return cbs + list(extra)
