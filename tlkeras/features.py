@@ -62,12 +62,11 @@ def _extractor(model_or_base):
         # (making a head calls the head layers again, which split_model cannot do twice).
         features = model_or_base.get_layer("features").output
         return keras.Model(model_or_base.inputs, features, name=f"{model_or_base.name}_features")
-    if len(model_or_base.output.shape) == 4:  # a base without pooling: average-pool it
-        inputs = keras.Input(tuple(model_or_base.inputs[0].shape[1:]), name="image")
-        pooled = keras.layers.GlobalAveragePooling2D(name="features")(
-            model_or_base(inputs, training=False))
-        return keras.Model(inputs, pooled, name=f"{model_or_base.name}_features")
-    return model_or_base
+    inputs = keras.Input(tuple(model_or_base.inputs[0].shape[1:]), name="image")
+    x = model_or_base(inputs, training=False)
+    if len(x.shape) == 4:  # a base without pooling: average-pool it
+        x = keras.layers.GlobalAveragePooling2D(name="features")(x)
+    return keras.Model(inputs, x, name=f"{model_or_base.name}_features")
 
 
 def _cache_key(extractor, dataset, key):
@@ -143,13 +142,14 @@ def extract_features(model_or_base, dataset, *, cache_dir=None, key=None, verbos
     feats, labels = [], []
     for i, batch in enumerate(dataset):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        feats.append(step(x).numpy())
+        feats.append(step(x))  # no per-batch sync: numpy() once at the end
         if isinstance(batch, (tuple, list)) and len(batch) > 1:
             labels.append(np.asarray(batch[1]))
         bar.update(i + 1)
     if not feats:
         raise ValueError("extract_features: the dataset is empty.")
-    out = FeatureSet(np.concatenate(feats), np.concatenate(labels) if labels else None, path)
+    out = FeatureSet(tf.concat(feats, 0).numpy(), np.concatenate(labels) if labels else None,
+                     path)
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp.npz"
