@@ -8,7 +8,7 @@ Also times the input pipeline alone. Prints the machine it ran on.
 
 import argparse
 import os
-import platform
+import sys
 import time
 
 import keras
@@ -17,18 +17,8 @@ import tensorflow as tf
 
 import tlkeras
 
-
-def machine():
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpus = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
-            for g in tf.config.list_physical_devices("GPU")]
-    return (f"{platform.platform()}; {cpu}; {os.cpu_count()} cores; GPUs: {gpus or 'none'}; "
-            f"TF {tf.__version__}, Keras {keras.__version__}")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
 
 
 def dataset(n, size, batch):
@@ -90,7 +80,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.size, args.images, args.batch = 96, 256, 32
-    print("machine:", machine())
+    print(machine())
     print(f"base {args.base} at {args.size}px, {args.images} images, batch {args.batch}, jit={args.jit}")
     ds, n = dataset(args.images, args.size, args.batch)
     print(f"input pipeline alone: {time_pipeline(ds, n):,.0f} images/s")

@@ -193,9 +193,6 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Keras 3 Model.fit does not run under MultiWorkerMirroredStrategy (PerReplica conversion "
-    "error, keras-team/keras#20585; plain Keras fails the same way here). strict: turns red once it works."))
 def test_multi_worker_mirrored_strategy_two_workers_agree(tmp_path):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}

@@ -296,7 +296,11 @@ def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weig
                 features.extract_features(model, val, cache_dir=cache_dir, key="validation", verbose=verbose),
                 batch_size=_batch_size(val), shuffle=False)
         _, fit_model = models.split_model(model)
-    fit_model.compile(optimizer=make_optimizer(optimizer, lr), loss=loss, metrics=metric_list, jit_compile=jit)
+    fit_model.compile(optimizer=make_optimizer(optimizer, lr), loss=loss, metrics=metric_list, jit_compile=jit,
+                      steps_per_execution=32 if use_cache else 1)
+    strategy = tf.distribute.get_strategy()
+    if _multi_worker(strategy):
+        _support_multi_worker_fit(fit_model, strategy, fit_train)
     cbs = run.callbacks(model, fit_model, "phase1", val, class_names, patience, extra, steps=None)
     fit_model.fit(fit_train, validation_data=fit_val, epochs=epochs, class_weight=class_weight,
                   callbacks=cbs, verbose=verbose)
@@ -318,6 +322,9 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
         warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)
     loss, metric_list = loss_and_metrics(task, smoothing, metrics)
     model.compile(optimizer=make_optimizer(optimizer, schedule), loss=loss, metrics=metric_list, jit_compile=jit)
+    strategy = tf.distribute.get_strategy()
+    if _multi_worker(strategy):
+        _support_multi_worker_fit(model, strategy, train)
     cbs = run.callbacks(model, model, "phase2", val, class_names, patience, extra, steps=steps,
                         initial_epoch=head_epochs)
     model.fit(train, validation_data=val, epochs=head_epochs + epochs, initial_epoch=head_epochs,
@@ -485,6 +492,40 @@ class _OnModel(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.callback.on_train_end(logs)
+
+
+def _multi_worker(strategy):
+    from keras.src.backend.tensorflow import trainer
+
+    return trainer._collective_all_reduce_multi_worker(strategy)
+
+
+def _support_multi_worker_fit(model, strategy, dataset):
+    """Works around Keras 3 `fit` failing under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+
+    Keras reduces a *distributed* batch to build the model's metrics, and averages
+    scalar metrics over axis 0; both fail across workers. This builds from a local batch
+    and averages scalars across replicas. It only acts under multi-worker strategies.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    if not getattr(trainer.reduce_per_replica, "_tlkeras", False):
+        original = trainer.reduce_per_replica
+
+        def reduce_per_replica(values, strategy, reduction):
+            if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(strategy):
+                return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+            return original(values, strategy, reduction)
+
+        reduce_per_replica._tlkeras = True
+        trainer.reduce_per_replica = reduce_per_replica
+    batch = next(iter(dataset))
+
+    def build(iterator=None, data_batch=None):
+        with strategy.scope():
+            model._symbolic_build(data_batch=batch)
+
+    model._maybe_symbolic_build = build
 
 
 def _prepare(model, policy, strategy):
