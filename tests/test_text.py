@@ -111,6 +111,13 @@ def test_text_model_takes_raw_strings_and_round_trips(minilm, tmp_path):
     model.export(str(tmp_path / "saved_model"), verbose=False)
     serving = tf.saved_model.load(str(tmp_path / "saved_model"))
     np.testing.assert_allclose(serving.serve(tf.constant(texts)), predictions, atol=1e-5)
+    exported = tlkeras.export_model(model, tmp_path / "export", formats=("keras", "saved_model"),
+                                    class_names=["acq", "crude"], representative_data=texts)
+    assert set(exported.checks) == {"keras", "saved_model"}
+    assert all(c["top1_agreement"] == 1.0 for c in exported.checks.values())
+    assert (tmp_path / "export" / "labels.txt").read_text().split() == ["acq", "crude"]
+    with pytest.raises(tlkeras.ExportError, match="TFLite.*raw strings"):
+        tlkeras.export_model(model, tmp_path / "export2", formats=("tflite",))
 
     pooled = tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(32,), pooling=None)
     assert tlkeras.get_base(pooled).layers[-1].name == "pooled_dense"  # BERT's [CLS] pooler

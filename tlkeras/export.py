@@ -145,6 +145,9 @@ def export_model(
         raise ValueError(
             "quantize='int8' needs representative_data: images to calibrate activation ranges."
         )
+    if model.inputs[0].dtype == "string":
+        return _export_text_model(model, directory, formats, class_names, representative_data,
+                                  verify, {**TOLERANCES, **(tolerances or {})})
     size = _input_size(model)
     num_outputs = model.output_shape[-1]
     if class_names is not None:
@@ -373,3 +376,49 @@ def _png(image):
     buffer = io.BytesIO()
     Image.fromarray(image.astype("uint8")).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _export_text_model(model, directory, formats, class_names, texts, verify, tolerances):
+    """Text models (raw strings in): `.keras` and a SavedModel whose `serving_default`
+    takes a batch of strings. TFLite cannot run the tokenizer's ops."""
+    if "tflite" in formats:
+        raise ExportError(
+            f"TFLite: model {model.name!r} takes raw strings, and its tokenizer's ops do not "
+            "convert to TFLite. Export it with formats=('keras', 'saved_model')."
+        )
+    if texts is None:
+        texts = ["a short example sentence", "another text, somewhat longer than the first one"]
+    samples = tf.constant([str(t) for t in list(texts)[:8]])
+    expected = np.asarray(model.predict_on_batch(samples), dtype="float32")
+    os.makedirs(directory, exist_ok=True)
+    result = ExportResult(directory=str(directory), paths={}, checks={})
+    if class_names is not None:
+        result.paths["labels"] = os.path.join(directory, "labels.txt")
+        with open(result.paths["labels"], "w") as f:
+            f.write("\n".join(str(c) for c in class_names) + "\n")
+    if "keras" in formats:
+        path = result.paths["keras"] = os.path.join(directory, "model.keras")
+        with _explained("keras", model, path):
+            model.save(path)
+        if verify:
+            with _explained("keras", model, path, "Reloading (safe_mode=True)"):
+                reloaded = keras.saving.load_model(path, compile=False, safe_mode=True)
+            result.checks["keras"] = _compare(
+                "keras", expected, reloaded.predict_on_batch(samples), tolerances["keras"])
+    if "saved_model" in formats:
+        path = result.paths["saved_model"] = os.path.join(directory, "saved_model")
+        with _explained("saved_model", model, path):
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint(
+                "serving_default",
+                lambda texts: {"probabilities": tf.cast(model(texts, training=False), tf.float32)},
+                [tf.TensorSpec((None,), tf.string, name="texts")],
+            )
+            archive.write_out(path, verbose=False)
+        if verify:
+            loaded = tf.saved_model.load(path)
+            actual = loaded.signatures["serving_default"](texts=samples)["probabilities"]
+            result.checks["saved_model"] = _compare(
+                "saved_model", expected, actual.numpy(), tolerances["saved_model"])
+    return result

@@ -63,9 +63,14 @@ def build_transfer_model(
             `"multilabel"` (a sigmoid per class) or `"regression"` (linear).
             The output is float32 under any mixed-precision policy.
         input_shape: `(height, width, 3)`; defaults to the architecture's size.
+            For a KerasHub text preset, `(sequence_length,)`: the model then
+            takes raw strings.
         weights: `"imagenet"`, `None`, or a path to a `.weights.h5`, a legacy
             `.h5` or a `.keras` file holding the same architecture. Ignored
-            (except a path) when `base` is your own model.
+            (except a path) when `base` is your own model. For hub modules and
+            KerasHub presets `"imagenet"` means their own pretrained weights;
+            `None` gives random weights for a KerasHub preset and is an error
+            for a hub module.
         pooling: `"avg"`, `"max"` or `None` (flatten).
         dropout: dropout rate before each dense layer of the head.
         hidden_units: sizes of hidden `Dense(relu)` layers in the head.
