@@ -211,6 +211,10 @@ def test_bad_arguments_name_the_argument(pretrained, tmp_path):
     with pytest.raises(ValueError, match="unfreeze_depth=7"):
         tlkeras.tune(base, train, val, num_classes=5, search_space={"unfreeze_depth": [1, 7]},
                      tuner="grid", directory=tmp_path, verbose=0)
+    augmented = train.map(lambda x, y: (x, y))
+    augmented.augmentation = "standard"
+    with pytest.raises(ValueError, match="augment in the model"):
+        tlkeras.tune(base, augmented, val, num_classes=5, directory=tmp_path)
     with pytest.raises(TypeError, match="train_data"):
         tlkeras.tune(base, (np.zeros((4, 32, 32, 3)), np.zeros(4)), val, num_classes=5)
 

@@ -136,6 +136,7 @@ def tune(
     task="multiclass",
     input_shape=None,
     weights="imagenet",
+    augmentation=None,
     search_space=None,
     tuner="hyperband",
     max_trials=10,
@@ -159,12 +160,11 @@ def tune(
         base_or_model: a backbone name, a `keras.Model` base, or a model from
             `tlkeras.build_transfer_model` (its head is rebuilt per trial).
         train_data, validation_data: `tf.data.Dataset`s of `(images, labels)`
-            batches, without random augmentation in the pipeline (phase 1
-            caches features; an "augmentation" layer in the model is fine: it
-            acts in phase 2 only).
-        num_classes, task, input_shape, weights: as in `build_transfer_model`,
-            when `base_or_model` is a base; `input_shape` defaults to the
-            data's.
+            batches, not augmented (phase 1 caches features of the images).
+        num_classes, task, input_shape, weights, augmentation: as in
+            `build_transfer_model`, when `base_or_model` is a base;
+            `input_shape` defaults to the data's. Augmentation in the model
+            acts in phase 2 only (phase 1 trains on features of the images).
         search_space: `None` (the default space), a dict of overrides, or a
             callable `hp -> dict` (see the module docstring).
         tuner: `"hyperband"`, `"bayesian"`, `"random"` or `"grid"`.
@@ -179,7 +179,8 @@ def tune(
         callbacks: more Keras callbacks for every trial's phase 2.
         export_dir: export the best model there with `tlkeras.export_model`.
         export_formats: the formats to export.
-        seed: seeds the tuner, the head's initial weights and shuffling.
+        seed: makes the search repeatable: seeds the tuner (with `seed + 1`: Keras
+            Tuner takes 0 for no seed), the head's initial weights and shuffling.
         verbose: 0 silent, 1 Keras Tuner's and Keras' progress output.
         **tuner_kwargs: more arguments of the Keras Tuner class, e.g.
             `factor=3` (Hyperband) or `num_initial_points=4` (Bayesian).
@@ -195,8 +196,12 @@ def tune(
         if not hasattr(data, "element_spec"):
             raise TypeError(f"tune: expected {name} to be a tf.data.Dataset of (images, labels) "
                             f"batches, received {type(data).__name__}.")
+    if getattr(train_data, "augmentation", None) is not None:
+        raise ValueError("tune: train_data is augmented, but phase 1 computes the base's features "
+                         "once; augment in the model instead (tune(..., augmentation=...)).")
     worker = _is_distributed_worker()
-    reference = _reference_model(base_or_model, train_data, num_classes, task, input_shape, weights)
+    reference = _reference_model(base_or_model, train_data, num_classes, task, input_shape,
+                                 weights, augmentation)
     project_dir = os.path.join(os.fspath(directory), project_name)
     hypermodel = TransferHyperModel(
         reference, search_space, project_dir=project_dir, head_epochs=head_epochs,
@@ -204,7 +209,8 @@ def tune(
     kind = TUNERS[tuner]
     budget = {"max_epochs": max_epochs} if tuner == "hyperband" else {"max_trials": max_trials}
     search = kind(hypermodel, objective=objective, directory=os.fspath(directory),
-                  project_name=project_name, overwrite=overwrite and not worker, seed=seed,
+                  project_name=project_name, overwrite=overwrite and not worker,
+                  seed=None if seed is None else seed + 1,  # Keras Tuner takes seed 0 for None
                   **budget, **tuner_kwargs)
     if tuner == "hyperband" and max_trials is not None and not worker:
         search.oracle.max_trials = max_trials
@@ -474,7 +480,7 @@ def _result(search, project_dir, worker, train, val, export_dir, export_formats,
     return result
 
 
-def _reference_model(base_or_model, train, num_classes, task, input_shape, weights):
+def _reference_model(base_or_model, train, num_classes, task, input_shape, weights, augmentation):
     if isinstance(base_or_model, keras.Model):
         names = {layer.name for layer in base_or_model.layers}
         if {"features", "predictions"} <= names:
@@ -487,7 +493,8 @@ def _reference_model(base_or_model, train, num_classes, task, input_shape, weigh
                              f"{shape}); pass input_shape=(height, width, 3).")
         input_shape = tuple(shape[1:])
     return models.build_transfer_model(base_or_model, num_classes, task=task,
-                                       input_shape=input_shape, weights=weights)
+                                       input_shape=input_shape, weights=weights,
+                                       augmentation=augmentation)
 
 
 def _trains(layers):
