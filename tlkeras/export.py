@@ -183,19 +183,11 @@ def export_model(
             name, expected, np.asarray(actual, dtype="float32"), tolerance
         )
 
-    if class_names is not None:
-        result.paths["labels"] = os.path.join(directory, "labels.txt")
-        with open(result.paths["labels"], "w") as f:
-            f.write("\n".join(class_names) + "\n")
-
+    _write_labels(directory, class_names, result)
     if "keras" in formats:
-        path = result.paths["keras"] = os.path.join(directory, "model.keras")
-        with _explained("keras", model, path):
-            model.save(path)
+        reloaded = _export_keras(model, directory, result, verify, samples)
         if verify:
-            with _explained("keras", model, path, "Reloading (safe_mode=True)"):
-                reloaded = keras.saving.load_model(path, compile=False, safe_mode=True)
-            check("keras", reloaded.predict_on_batch(samples))
+            check("keras", reloaded)
 
     if "saved_model" in formats:
         path = result.paths["saved_model"] = os.path.join(directory, "saved_model")
@@ -392,19 +384,11 @@ def _export_text_model(model, directory, formats, class_names, texts, verify, to
     expected = np.asarray(model.predict_on_batch(samples), dtype="float32")
     os.makedirs(directory, exist_ok=True)
     result = ExportResult(directory=str(directory), paths={}, checks={})
-    if class_names is not None:
-        result.paths["labels"] = os.path.join(directory, "labels.txt")
-        with open(result.paths["labels"], "w") as f:
-            f.write("\n".join(str(c) for c in class_names) + "\n")
+    _write_labels(directory, class_names, result)
     if "keras" in formats:
-        path = result.paths["keras"] = os.path.join(directory, "model.keras")
-        with _explained("keras", model, path):
-            model.save(path)
+        reloaded = _export_keras(model, directory, result, verify, samples)
         if verify:
-            with _explained("keras", model, path, "Reloading (safe_mode=True)"):
-                reloaded = keras.saving.load_model(path, compile=False, safe_mode=True)
-            result.checks["keras"] = _compare(
-                "keras", expected, reloaded.predict_on_batch(samples), tolerances["keras"])
+            result.checks["keras"] = _compare("keras", expected, reloaded, tolerances["keras"])
     if "saved_model" in formats:
         path = result.paths["saved_model"] = os.path.join(directory, "saved_model")
         with _explained("saved_model", model, path):
@@ -422,3 +406,22 @@ def _export_text_model(model, directory, formats, class_names, texts, verify, to
             result.checks["saved_model"] = _compare(
                 "saved_model", expected, actual.numpy(), tolerances["saved_model"])
     return result
+
+
+def _write_labels(directory, class_names, result):
+    if class_names is not None:
+        result.paths["labels"] = os.path.join(directory, "labels.txt")
+        with open(result.paths["labels"], "w") as f:
+            f.write("\n".join(str(c) for c in class_names) + "\n")
+
+
+def _export_keras(model, directory, result, verify, samples):
+    """Saves `model.keras`; with `verify`, returns the safe-mode reload's predictions."""
+    path = result.paths["keras"] = os.path.join(directory, "model.keras")
+    with _explained("keras", model, path):
+        model.save(path)
+    if not verify:
+        return None
+    with _explained("keras", model, path, "Reloading (safe_mode=True)"):
+        reloaded = keras.saving.load_model(path, compile=False, safe_mode=True)
+    return np.asarray(reloaded.predict_on_batch(samples), dtype="float32")
