@@ -370,7 +370,7 @@ def _add_model_args(parser, head=True):
         g.add_argument("--l2", type=_number(float, 0), default=0.0,
                        help="L2 penalty on the head's Dense kernels")
     g.add_argument("--pooling", choices=("avg", "max", "flatten"), default="avg")
-    g = parser.add_argument_group("augmentation (in the model, active in training only)")
+    g = parser.add_argument_group("augmentation (of the training images; tune: in the model)")
     g.add_argument("--augmentation", choices=("none", "light", "standard", "strong"), default="none",
                    help="a preset of tlkeras.data.augmentation_preset")
     g.add_argument("--random_flip", choices=("none", "horizontal", "vertical", "horizontal_and_vertical"),
@@ -455,8 +455,11 @@ def _augmentation(args):
     return layers or None
 
 
-def _load_data(args, size, training=True):
-    """`(train, validation)` datasets (validation None when not split), for --image_dir/--csv/--tfds."""
+def _load_data(args, size, training=True, augmentation=None):
+    """`(train, validation)` datasets (validation None when not split), for --image_dir/--csv/--tfds.
+
+    `augmentation` applies to the training data only (in the pipeline, so exports never hold it).
+    """
     from tlkeras import data
 
     split = getattr(args, "validation_split", 0) if training else 0
@@ -467,14 +470,16 @@ def _load_data(args, size, training=True):
         name, where = args.tfds, args.tfds_split
         if split:
             cut = round(100 * (1 - split))
-            return (data.from_tfds(name, f"{where}[:{cut}%]", size, data_dir=args.tfds_data_dir, **common),
+            return (data.from_tfds(name, f"{where}[:{cut}%]", size, data_dir=args.tfds_data_dir,
+                                   augmentation=augmentation, **common),
                     data.from_tfds(name, f"{where}[{cut}%:]", size, data_dir=args.tfds_data_dir,
                                    shuffle=False, **common))
         return data.from_tfds(name, where, size, data_dir=args.tfds_data_dir, shuffle=training,
-                              **common), None
+                              augmentation=augmentation, **common), None
     def load(subset):
         kwargs = dict(validation_split=split or None, subset=subset, shuffle=subset != "validation"
-                      and training, **common)
+                      and training, augmentation=None if subset == "validation" else augmentation,
+                      **common)
         if args.image_dir:
             return data.from_directory(args.image_dir, size, **kwargs)
         return data.from_csv(args.csv, args.image_column, args.label_column, image_size=size, **kwargs)
@@ -569,15 +574,14 @@ def cmd_train(args):
     size = _image_size(args)
     if size is None:
         size = tuple(base.input_shape[1:3])[0]
-    train, val = _load_data(args, size)
+    train, val = _load_data(args, size, augmentation=_augmentation(args))
     class_names = list(train.class_names)
     regularizer = keras.regularizers.L1L2(args.l1, args.l2) if (args.l1 or args.l2) else None
     keras.utils.set_random_seed(args.seed)
     model = tlkeras.build_transfer_model(
         base, len(class_names), input_shape=(size, size, 3), weights=weights,
         pooling=None if args.pooling == "flatten" else args.pooling, dropout=args.dropout,
-        hidden_units=tuple(args.hidden_units), kernel_regularizer=regularizer,
-        augmentation=_augmentation(args))
+        hidden_units=tuple(args.hidden_units), kernel_regularizer=regularizer)
     optimizer = args.optimizer
     if args.momentum is not None:
         kind = keras.optimizers.SGD if args.optimizer == "sgd" else keras.optimizers.RMSprop

@@ -45,7 +45,7 @@ SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
 BUDGETS = (1, 3, 10, 30)
 QUICK_BUDGETS = (1, 5)
-EPOCH_SIZE = 200  # the few labeled images are repeated to this many samples per epoch
+EPOCH_SIZE = 400  # the few labeled images are repeated to this many samples per epoch
 BATCH_SIZE = 16
 
 
@@ -164,7 +164,7 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
                     keras.saving.load_model(base_path), num_classes=5, weights=None)
                 tlkeras.fine_tune(
                     model, tlkeras.data.from_arrays(xs, ys, batch_size=BATCH_SIZE, seed=seed),
-                    head_epochs=3, fine_tune_epochs=3, learning_rate=1e-2,
+                    head_epochs=5, fine_tune_epochs=3, learning_rate=1e-2,
                     fine_tune_learning_rate=1e-3, log_dir=os.path.join(run_dir, f"transfer_{tag}"),
                     seed=seed, verbose=verbose)
                 transfer = _accuracy(model, test)
