@@ -558,9 +558,13 @@ def _quiet_tf():
 
 def cmd_train(args):
     import keras
+    import tensorflow as tf
 
     import tlkeras
 
+    # MultiWorkerMirroredStrategy must exist before any TensorFlow op runs.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if args.strategy == "multiworker" else (
+        None if args.strategy == "auto" else args.strategy)
     run_dir = args.run_dir or os.path.join(
         "runs", f"{os.path.basename(args.base.rstrip('/')).removesuffix('.keras')}-"
         f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -603,7 +607,7 @@ def cmd_train(args):
             fine_tune_learning_rate=args.fine_tune_learning_rate, optimizer=optimizer,
             warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
             class_weight="balanced" if args.balance_classes else None, log_dir=run_dir,
-            precision=args.precision, strategy=None if args.strategy == "auto" else args.strategy,
+            precision=args.precision, strategy=strategy,
             early_stopping=args.early_stopping, class_names=class_names, seed=args.seed,
             verbose=_verbose())
         if val is not None:
