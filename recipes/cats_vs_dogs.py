@@ -42,6 +42,5 @@ def main(argv=None):
     return {"accuracy": report.metrics["accuracy"], "log_dir": out, "model": model}
 
 
-
 if __name__ == "__main__":
     main()

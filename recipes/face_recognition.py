@@ -1,4 +1,4 @@
-"""Face recognition with embeddings from a pretrained base: a classifier and a verification threshold.
+"""Face recognition with embeddings from a pretrained base: a classifier and a verification rule.
 
 Each image's embedding is the L2-normalized pooled feature vector of a frozen
 ImageNet base. Half of each person's images are the gallery: a linear
@@ -30,7 +30,9 @@ def embeddings(model, data):
 
 def pairs(labels, rng, limit=2000):
     """Index pairs of the same identity and as many random pairs of different ones."""
-    same = [(i, j) for i, j in itertools.combinations(range(len(labels)), 2) if labels[i] == labels[j]]
+    same = [
+        (i, j) for i, j in itertools.combinations(range(len(labels)), 2) if labels[i] == labels[j]
+    ]
     same = [same[i] for i in rng.permutation(len(same))[:limit]]
     different = []
     while len(different) < len(same):
@@ -54,7 +56,8 @@ def synthetic_identities(path, people=6, per_person=8, size=48, seed=0):
         os.makedirs(os.path.join(path, f"person_{p}"), exist_ok=True)
         for i in range(per_person):
             dy, dx = rng.integers(0, 4, 2)
-            image = face[dy:dy + size, dx:dx + size] * rng.uniform(0.85, 1.15) + rng.normal(0, 8, (size, size, 3))
+            image = face[dy:dy + size, dx:dx + size] * rng.uniform(0.85, 1.15)
+            image = image + rng.normal(0, 8, (size, size, 3))
             Image.fromarray(np.clip(image, 0, 255).astype("uint8")).save(
                 os.path.join(path, f"person_{p}", f"{i}.png"))
 
@@ -86,13 +89,17 @@ def main(argv=None):
         faces_dir, size, base = tempfile.mkdtemp(prefix="faces_"), 32, "MobileNetV2"
         synthetic_identities(faces_dir)
     elif not faces_dir:
-        faces_dir = lfw_folder(os.path.join(args.output_dir or os.path.join("runs", "faces"), "lfw"))
+        faces_dir = lfw_folder(
+            os.path.join(args.output_dir or os.path.join("runs", "faces"), "lfw")
+        )
     gallery, probes = tlkeras.data.from_directory(faces_dir, (size, size), validation_split=0.5,
                                                   subset="both", seed=1, shuffle=False)
     model = tlkeras.build_transfer_model(base, num_classes=len(gallery.class_names),
                                          input_shape=(size, size, 3),
                                          weights=None if args.smoke else "imagenet")
-    (x_gallery, y_gallery), (x_probe, y_probe) = embeddings(model, gallery), embeddings(model, probes)
+    (x_gallery, y_gallery), (x_probe, y_probe) = embeddings(model, gallery), embeddings(
+        model, probes
+    )
 
     classifier = LogisticRegression(max_iter=2000, C=10.0).fit(x_gallery, y_gallery)
     identification = classifier.score(x_probe, y_probe)

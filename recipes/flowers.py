@@ -28,8 +28,10 @@ def main(argv=None):
         model = tlkeras.build_transfer_model(
             "EfficientNetB0", num_classes=len(train.class_names), input_shape=(size, size, 3),
             weights=None if args.smoke else "imagenet")
+        # The training images are augmented: phase 1 cannot train on cached features.
         result = tlkeras.fine_tune(model, train, val, head_epochs=epochs, fine_tune_epochs=epochs,
-                                   unfreeze=3, learning_rate=1e-3, log_dir=out, seed=1)
+                                   unfreeze=3, learning_rate=1e-3, cache_features=False,
+                                   log_dir=out, seed=1)
         report = tlkeras.evaluate(model, val, train.class_names, output_dir=out,
                                   history=result.history)
         exported = tlkeras.export_model(model, os.path.join(out, "export"),
@@ -37,7 +39,6 @@ def main(argv=None):
                                         class_names=train.class_names, representative_data=val)
     print(f"validation accuracy {report.metrics['accuracy']:.3f}; exported {exported.paths}")
     return {"accuracy": report.metrics["accuracy"], "paths": exported.paths, "log_dir": out}
-
 
 
 if __name__ == "__main__":

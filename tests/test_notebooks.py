@@ -8,7 +8,9 @@ from nbclient import NotebookClient
 
 from conftest import REPO
 
-NOTEBOOKS = ["quickstart", "unfreeze_search", "text_classification"]
+# Each starts a kernel (a fresh TensorFlow); the search and MiniLM notebooks are the slow ones.
+NOTEBOOKS = ["quickstart", pytest.param("unfreeze_search", marks=pytest.mark.heavy),
+             pytest.param("text_classification", marks=pytest.mark.heavy)]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

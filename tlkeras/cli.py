@@ -107,9 +107,9 @@ def parse_args(argv):
     if hasattr(args, "image_dir") and args.command in ("train", "tune", "evaluate"):
         given = [name for name in DATA_SOURCES if getattr(args, name)]
         if len(given) != 1:
-            raise UsageError(
-                f"give exactly one data source of --image_dir, --tfds, --csv (received "
-                f"{', '.join('--' + g for g in given) or 'none'}) (see `tlkeras {args.command} --help`)")
+            received = ", ".join("--" + g for g in given) or "none"
+            raise UsageError(f"give exactly one data source of --image_dir, --tfds, --csv "
+                             f"(received {received}) (see `tlkeras {args.command} --help`)")
     return args
 
 
@@ -127,7 +127,9 @@ def load_config(path):
     except Exception as error:
         raise UsageError(f"--config {path}: cannot parse it ({error})") from None
     if not isinstance(config, dict):
-        raise UsageError(f"--config {path}: expected a mapping of settings, found {type(config).__name__}")
+        raise UsageError(
+            f"--config {path}: expected a mapping of settings, found {type(config).__name__}"
+        )
     return config
 
 
@@ -163,8 +165,9 @@ def _number(kind, low=None, high=None, low_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"received {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, " f"received {text!r}"
+            ) from None
         if (low is not None and (value < low or (low_open and value == low))) or (
                 high is not None and value > high):
             bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
@@ -187,7 +190,9 @@ def _ints(text):
     try:
         return [int(t) for t in str(text).replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, received {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, received {text!r}"
+        ) from None
 
 
 def _depth(text):
@@ -225,7 +230,9 @@ def build_parser():
     _add_data_args(train, validation=True)
     _add_model_args(train)
     g = train.add_argument_group("training")
-    g.add_argument("--head_epochs", type=_number(int, 0), default=5, help="epochs of phase 1 (the head)")
+    g.add_argument(
+        "--head_epochs", type=_number(int, 0), default=5, help="epochs of phase 1 (the head)"
+    )
     g.add_argument("--fine_tune_epochs", type=_number(int, 0), default=5,
                    help="epochs of phase 2 (the unfrozen base)")
     g.add_argument("--unfreeze", type=_depth, default="all",
@@ -248,9 +255,14 @@ def build_parser():
                    default="auto", help="auto: mixed_float16 on recent NVIDIA GPUs, else float32")
     g.add_argument("--strategy", choices=("auto", "mirrored", "multiworker"), default="auto",
                    help="multiworker: MultiWorkerMirroredStrategy from TF_CONFIG")
-    g.add_argument("--run_dir", "--log_dir", dest="run_dir", metavar="DIR",
-                   help="the run folder: config, history.csv, checkpoints, model.keras, TensorBoard "
-                        "logs (logs/); an interrupted run resumes there (default: runs/<base>-<time>)")
+    g.add_argument(
+        "--run_dir",
+        "--log_dir",
+        dest="run_dir",
+        metavar="DIR",
+        help="the run folder: config, history.csv, checkpoints, model.keras, TensorBoard "
+        "logs (logs/); an interrupted run resumes there (default: runs/<base>-<time>)",
+    )
     g = train.add_argument_group("output")
     g.add_argument("--saved_model_dir", metavar="DIR", help="export a TF Serving SavedModel here")
     g.add_argument("--tflite_output_file", metavar="FILE", help="export a TFLite model here")
@@ -265,10 +277,16 @@ def build_parser():
     _add_data_args(tune, validation=True)
     _add_model_args(tune, head=False)
     g = tune.add_argument_group("search")
-    g.add_argument("--tuner", choices=("hyperband", "bayesian", "random", "grid"), default="hyperband")
+    g.add_argument(
+        "--tuner", choices=("hyperband", "bayesian", "random", "grid"), default="hyperband"
+    )
     g.add_argument("--max_trials", type=_number(int, 1), default=10)
-    g.add_argument("--max_epochs", type=_number(int, 1), default=3, help="fine-tune epochs per trial")
-    g.add_argument("--head_epochs", type=_number(int, 0), default=5, help="epochs of phase 1 (once)")
+    g.add_argument(
+        "--max_epochs", type=_number(int, 1), default=3, help="fine-tune epochs per trial"
+    )
+    g.add_argument(
+        "--head_epochs", type=_number(int, 0), default=5, help="epochs of phase 1 (once)"
+    )
     g.add_argument("--objective", default="val_accuracy")
     g.add_argument("--unfreeze_depths", type=_ints, metavar="N,N,...",
                    help="depths (blocks) to try (default: every block boundary)")
@@ -297,16 +315,22 @@ def build_parser():
     predict.add_argument("--labels", type=_existing("file"),
                          help="class names, one per line (default: labels.txt beside the model)")
     predict.add_argument("--top_k", type=_number(int, 1), default=3)
-    predict.add_argument("--output", metavar="FILE", help="a .csv or .json file (default: CSV on stdout)")
+    predict.add_argument(
+        "--output", metavar="FILE", help="a .csv or .json file (default: CSV on stdout)"
+    )
     predict.add_argument("--batch_size", type=_number(int, 1), default=32)
 
-    export = add("export", "Export a trained model (.keras, SavedModel, TFLite), verified against it.")
+    export = add(
+        "export", "Export a trained model (.keras, SavedModel, TFLite), verified against it."
+    )
     export.add_argument("--model", required=True, type=_existing("path"),
                         help="a .keras file or a run folder holding model.keras")
     export.add_argument("--output_dir", required=True)
     export.add_argument("--formats", default="keras,saved_model,tflite",
                         help="comma-separated, of keras, saved_model, tflite")
-    export.add_argument("--quantize", choices=("none", "dynamic", "float16", "int8"), default="none")
+    export.add_argument(
+        "--quantize", choices=("none", "dynamic", "float16", "int8"), default="none"
+    )
     export.add_argument("--representative_dir", type=_existing("folder"),
                         help="images for int8 calibration and verification")
     export.add_argument("--labels", type=_existing("file"),
@@ -328,8 +352,12 @@ def build_parser():
     demo = add("demo", "The offline example: transfer from digits 0-4 to 5-9 against training "
                "from scratch, at several label budgets.")
     demo.add_argument("--run_dir", default=os.path.join("runs", "demo"))
-    demo.add_argument("--quick", action="store_true", help="fewer budgets and seeds (about a minute)")
-    demo.add_argument("--budgets", type=_ints, metavar="K,K,...", help="labels per class to compare")
+    demo.add_argument(
+        "--quick", action="store_true", help="fewer budgets and seeds (about a minute)"
+    )
+    demo.add_argument(
+        "--budgets", type=_ints, metavar="K,K,...", help="labels per class to compare"
+    )
     demo.add_argument("--seeds", type=_number(int, 1), help="seeds averaged per budget")
     return parser, subparsers
 
@@ -344,7 +372,9 @@ def _add_data_args(parser, validation):
     g.add_argument("--image_column", default="image", help="CSV column of the image paths")
     g.add_argument("--label_column", default="label", help="CSV column of the labels")
     g.add_argument("--tfds_split", default="train" if validation else "test")
-    g.add_argument("--tfds_data_dir", metavar="DIR", help="TFDS data folder (offline: a prepared copy)")
+    g.add_argument(
+        "--tfds_data_dir", metavar="DIR", help="TFDS data folder (offline: a prepared copy)"
+    )
     g.add_argument("--image_size", type=_number(int, 1),
                    help="resize images to this square size (default: the base's)")
     g.add_argument("--batch_size", type=_number(int, 1), default=32)
@@ -356,9 +386,12 @@ def _add_data_args(parser, validation):
 
 def _add_model_args(parser, head=True):
     g = parser.add_argument_group("model")
-    g.add_argument("--base", default="MobileNetV2",
-                   help="a backbone name (see `tlkeras backbones`), hub:<handle>, a KerasHub preset, "
-                        "a SavedModel or preset folder, or a .keras file holding your own base model")
+    g.add_argument(
+        "--base",
+        default="MobileNetV2",
+        help="a backbone name (see `tlkeras backbones`), hub:<handle>, a KerasHub preset, "
+        "a SavedModel or preset folder, or a .keras file holding your own base model",
+    )
     g.add_argument("--weights", default="imagenet",
                    help="imagenet, none (random initialization) or a path to a weights file")
     if head:
@@ -371,10 +404,17 @@ def _add_model_args(parser, head=True):
                        help="L2 penalty on the head's Dense kernels")
     g.add_argument("--pooling", choices=("avg", "max", "flatten"), default="avg")
     g = parser.add_argument_group("augmentation (of the training images; tune: in the model)")
-    g.add_argument("--augmentation", choices=("none", "light", "standard", "strong"), default="none",
-                   help="a preset of tlkeras.data.augmentation_preset")
-    g.add_argument("--random_flip", choices=("none", "horizontal", "vertical", "horizontal_and_vertical"),
-                   default="none")
+    g.add_argument(
+        "--augmentation",
+        choices=("none", "light", "standard", "strong"),
+        default="none",
+        help="a preset of tlkeras.data.augmentation_preset",
+    )
+    g.add_argument(
+        "--random_flip",
+        choices=("none", "horizontal", "vertical", "horizontal_and_vertical"),
+        default="none",
+    )
     for name, what in (("rotation", "fraction of a full turn"), ("zoom", "fraction"),
                        ("translation", "fraction of the size"), ("contrast", "factor"),
                        ("brightness", "factor")):
@@ -413,8 +453,9 @@ def _base(args):
             raise UsageError(f"argument --base: no such file: {base!r}")
         return keras.saving.load_model(base, compile=False)
     if not backbones.exists(base) and not os.path.exists(base) and ":" not in base:
-        close = difflib.get_close_matches(base.lower(), [n.lower() for n in backbones.list_backbones()],
-                                          n=1, cutoff=0.75)
+        close = difflib.get_close_matches(
+            base.lower(), [n.lower() for n in backbones.list_backbones()], n=1, cutoff=0.75
+        )
         if close:
             name = backbones.get(close[0]).name
             raise UsageError(f"argument --base: unknown backbone {base!r}; did you mean {name}? "
@@ -438,7 +479,11 @@ def _augmentation(args):
 
     from tlkeras import data
 
-    layers = list(data.augmentation_preset(args.augmentation).layers) if args.augmentation != "none" else []
+    layers = (
+        list(data.augmentation_preset(args.augmentation).layers)
+        if args.augmentation != "none"
+        else []
+    )
     L = keras.layers
     if args.random_flip != "none":
         layers.append(L.RandomFlip(args.random_flip))
@@ -456,7 +501,7 @@ def _augmentation(args):
 
 
 def _load_data(args, size, training=True, augmentation=None):
-    """`(train, validation)` datasets (validation None when not split), for --image_dir/--csv/--tfds.
+    """`(train, validation)` datasets (validation None when not split) of --image_dir/--csv/--tfds.
 
     `augmentation` applies to the training data only (in the pipeline, so exports never hold it).
     """
@@ -476,13 +521,16 @@ def _load_data(args, size, training=True, augmentation=None):
                                    shuffle=False, **common))
         return data.from_tfds(name, where, size, data_dir=args.tfds_data_dir, shuffle=training,
                               augmentation=augmentation, **common), None
+
     def load(subset):
         kwargs = dict(validation_split=split or None, subset=subset, shuffle=subset != "validation"
                       and training, augmentation=None if subset == "validation" else augmentation,
                       **common)
         if args.image_dir:
             return data.from_directory(args.image_dir, size, **kwargs)
-        return data.from_csv(args.csv, args.image_column, args.label_column, image_size=size, **kwargs)
+        return data.from_csv(
+            args.csv, args.image_column, args.label_column, image_size=size, **kwargs
+        )
 
     if not split:
         return load(None), None
@@ -497,8 +545,10 @@ def _model_path(path):
             raise UsageError(f"argument --model: folder {path!r} holds no model.keras")
         return inside
     if not path.endswith(".keras"):
-        raise UsageError(f"argument --model: expected a .keras file or a folder holding model.keras, "
-                         f"received {path!r}")
+        raise UsageError(
+            f"argument --model: expected a .keras file or a folder holding model.keras, "
+            f"received {path!r}"
+        )
     return path
 
 
@@ -527,8 +577,10 @@ def _class_names(model_path, labels_file, num_outputs):
     if names is None:
         return [str(i) for i in range(expected)]
     if len(names) != expected:
-        raise UsageError(f"{len(names)} class names (from {labels_file or folder}) but the model has "
-                         f"{expected} classes")
+        raise UsageError(
+            f"{len(names)} class names (from {labels_file or folder}) but the model has "
+            f"{expected} classes"
+        )
     return [str(n) for n in names]
 
 
@@ -578,7 +630,8 @@ def cmd_train(args):
     size = _image_size(args)
     if size is None:
         size = tuple(base.input_shape[1:3])[0]
-    train, val = _load_data(args, size, augmentation=_augmentation(args))
+    augmentation = _augmentation(args)
+    train, val = _load_data(args, size, augmentation=augmentation)
     class_names = list(train.class_names)
     regularizer = keras.regularizers.L1L2(args.l1, args.l2) if (args.l1 or args.l2) else None
     keras.utils.set_random_seed(args.seed)
@@ -591,25 +644,42 @@ def cmd_train(args):
         kind = keras.optimizers.SGD if args.optimizer == "sgd" else keras.optimizers.RMSprop
         optimizer = lambda lr: kind(lr, momentum=args.momentum)  # noqa: E731
     os.makedirs(run_dir, exist_ok=True)
-    resolved = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "debug")}
+    resolved = {
+        k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "debug")
+    }
     resolved["run_dir"] = run_dir
     with open(os.path.join(run_dir, "cli_config.json"), "w") as f:
         json.dump(resolved, f, indent=2)
     with open(os.path.join(run_dir, "labels.txt"), "w") as f:
         f.write("\n".join(class_names) + "\n")
-    print(f"Training on {len(train.file_paths) if hasattr(train, 'file_paths') else '?'} images of "
-          f"{len(class_names)} classes ({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}); "
+    shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
+    count = len(train.file_paths) if hasattr(train, "file_paths") else "?"
+    print(f"Training on {count} images of {len(class_names)} classes ({shown}); "
           f"run folder {run_dir}", flush=True)
     with _quiet_tf():
         result = tlkeras.fine_tune(
-            model, train, val, head_epochs=args.head_epochs, fine_tune_epochs=args.fine_tune_epochs,
-            unfreeze=args.unfreeze, unfreeze_unit=args.unfreeze_unit, learning_rate=args.learning_rate,
-            fine_tune_learning_rate=args.fine_tune_learning_rate, optimizer=optimizer,
-            warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-            class_weight="balanced" if args.balance_classes else None, log_dir=run_dir,
-            precision=args.precision, strategy=strategy,
-            early_stopping=args.early_stopping, class_names=class_names, seed=args.seed,
-            verbose=_verbose())
+            model,
+            train,
+            val,
+            head_epochs=args.head_epochs,
+            fine_tune_epochs=args.fine_tune_epochs,
+            unfreeze=args.unfreeze,
+            unfreeze_unit=args.unfreeze_unit,
+            learning_rate=args.learning_rate,
+            fine_tune_learning_rate=args.fine_tune_learning_rate,
+            optimizer=optimizer,
+            warmup_epochs=args.warmup_epochs,
+            label_smoothing=args.label_smoothing,
+            class_weight="balanced" if args.balance_classes else None,
+            cache_features="auto" if augmentation is None else False,  # cache: no augmentation
+            log_dir=run_dir,
+            precision=args.precision,
+            strategy=strategy,
+            early_stopping=args.early_stopping,
+            class_names=class_names,
+            seed=args.seed,
+            verbose=_verbose(),
+        )
         if val is not None:
             report = tlkeras.evaluate(result.model, val, class_names,
                                       output_dir=os.path.join(run_dir, "evaluation"),
@@ -617,19 +687,30 @@ def cmd_train(args):
             accuracy = report.metrics["accuracy"]
             print(f"Validation accuracy {accuracy:.4f} on {report.num_samples} images; "
                   f"report in {os.path.join(run_dir, 'evaluation')}")
-            if args.assert_accuracy_at_least is not None and accuracy < args.assert_accuracy_at_least:
-                raise Failure(f"validation accuracy {accuracy:.4f} is below --assert_accuracy_at_least "
-                              f"{args.assert_accuracy_at_least}; nothing was exported")
-        _export_train_outputs(args, result.model, class_names, val if val is not None else train, run_dir)
-    print(f"Model: {os.path.join(run_dir, 'model.keras')}. TensorBoard: tensorboard --logdir {run_dir}")
+            if (
+                args.assert_accuracy_at_least is not None
+                and accuracy < args.assert_accuracy_at_least
+            ):
+                raise Failure(
+                    f"validation accuracy {accuracy:.4f} is below --assert_accuracy_at_least "
+                    f"{args.assert_accuracy_at_least}; nothing was exported"
+                )
+        _export_train_outputs(
+            args, result.model, class_names, val if val is not None else train, run_dir
+        )
+    print(f"Model: {os.path.join(run_dir, 'model.keras')}. "
+          f"TensorBoard: tensorboard --logdir {run_dir}")
     return 0
 
 
 def _export_train_outputs(args, model, class_names, data, run_dir):
     import tlkeras
 
-    formats = [f for f, flag in (("saved_model", args.saved_model_dir), ("tflite", args.tflite_output_file))
-               if flag]
+    formats = [
+        f
+        for f, flag in (("saved_model", args.saved_model_dir), ("tflite", args.tflite_output_file))
+        if flag
+    ]
     if args.labels_output_file:
         _copy(os.path.join(run_dir, "labels.txt"), args.labels_output_file)
         print(f"Labels: {args.labels_output_file}")
@@ -673,7 +754,8 @@ def cmd_tune(args):
             objective=args.objective, directory=args.directory, project_name=args.project_name,
             overwrite=args.overwrite, head_epochs=args.head_epochs, export_dir=args.export_dir,
             seed=args.seed, verbose=1)
-    print(f"Best: {json.dumps(result.best_hyperparameters)} ({args.objective} {result.best_score:.4f})")
+    print(f"Best: {json.dumps(result.best_hyperparameters)} "
+          f"({args.objective} {result.best_score:.4f})")
     print(f"Trials: {result.csv_path}. TensorBoard: tensorboard --logdir "
           f"{os.path.join(result.directory, 'logs')}")
     if args.export_dir:
@@ -694,8 +776,9 @@ def cmd_evaluate(args):
         print(f"note: the data's classes {list(data.class_names)} differ from the model's {names}; "
               "the data's are used", file=sys.stderr)
         names = list(data.class_names)
-    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(_model_path(args.model))),
-                                                 "evaluation")
+    output_dir = args.output_dir or os.path.join(
+        os.path.dirname(os.path.abspath(_model_path(args.model))), "evaluation"
+    )
     with _quiet_tf():
         report = tlkeras.evaluate(model, data, names, top_k=args.top_k, output_dir=output_dir)
     print(f"{report.num_samples} images")
@@ -705,8 +788,10 @@ def cmd_evaluate(args):
         width = max(len(n) for n in report.per_class)
         print(f"\n{'class':<{width}}  precision  recall      f1  support")
         for name, row in report.per_class.items():
-            print(f"{name:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>6.3f}"
-                  f"  {row['support']:>7}")
+            print(
+                f"{name:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  "
+                f"{row['f1']:>6.3f}  {row['support']:>7}"
+            )
     print(f"\nReport: {report.files.get('report')}")
     return 0
 
@@ -786,7 +871,9 @@ def _write_predictions(rows, output, top_k):
         writer = csv.writer(f)
         writer.writerow(header)
         for r in rows:
-            writer.writerow([r["file"]] + [v for p in r["predictions"] for v in (p["label"], p["probability"])])
+            writer.writerow(
+                [r["file"]] + [v for p in r["predictions"] for v in (p["label"], p["probability"])]
+            )
     finally:
         if output:
             f.close()
@@ -806,7 +893,9 @@ def cmd_export(args):
         representative = data.from_directory(args.representative_dir, tuple(model.input_shape[1:3]),
                                              labels=None, batch_size=32, shuffle=False)
     elif args.quantize == "int8":
-        raise UsageError("argument --quantize int8: needs --representative_dir (calibration images)")
+        raise UsageError(
+            "argument --quantize int8: needs --representative_dir (calibration images)"
+        )
     with _quiet_tf():
         result = tlkeras.export_model(model, args.output_dir, formats=formats, class_names=names,
                                       quantize=None if args.quantize == "none" else args.quantize,
@@ -833,13 +922,16 @@ def cmd_scan(args):
 def cmd_backbones(args):
     from tlkeras import backbones
 
-    print(f"{'name':<18} {'default size':>12} {'min size':>8} {'feature dim':>11}  preprocessing  family")
+    print(f"{'name':<18} {'default size':>12} {'min size':>8} {'feature dim':>11}  "
+          "preprocessing  family")
     for name in backbones.list_backbones():
         s = backbones.get(name)
         print(f"{s.name:<18} {s.default_size:>12} {s.min_size:>8} {s.feature_dim:>11}  "
               f"{s.preprocessing:<13}  {s.family}")
-    print("\nAlso accepted as --base: hub:<handle> (TF Hub), a KerasHub preset, a SavedModel or preset "
-          "folder, or a .keras file with your own base model.")
+    print(
+        "\nAlso accepted as --base: hub:<handle> (TF Hub), a KerasHub preset, a SavedModel or "
+        "preset folder, or a .keras file with your own base model."
+    )
     return 0
 
 
@@ -858,10 +950,12 @@ def cmd_weights(args):
     print(f"backbone:   {spec.name}\nfile name:  {info['file_name']}\nurl:        {info['url']}\n"
           f"cache path: {info['cache_path']} ({'present' if cached else 'missing'})")
     if not cached:
-        print(f"\nOffline: download the file elsewhere, then either put it at the cache path "
-              f"(weights='imagenet' then works) or pass it as --weights PATH "
-              f"(build_transfer_model(..., weights=PATH)). Check it with: tlkeras weights {spec.name} "
-              f"--verify PATH")
+        print(
+            f"\nOffline: download the file elsewhere, then either put it at the cache path "
+            f"(weights='imagenet' then works) or pass it as --weights PATH "
+            f"(build_transfer_model(..., weights=PATH)). Check it with: "
+            f"tlkeras weights {spec.name} --verify PATH"
+        )
     return 0
 
 

@@ -96,7 +96,9 @@ def _with_head(body, num_classes):
 
 
 def _compile(model):
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     return model
 
 
@@ -171,22 +173,42 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
 
                 keras.utils.set_random_seed(seed)
                 scratch_model = _compile(_with_head(small_cnn(), 5))
-                scratch_model.fit(xs, ys, batch_size=BATCH_SIZE, epochs=6, verbose=verbose,
-                                  callbacks=tlkeras.callbacks.tensorboard_callbacks(
-                                      os.path.join(run_dir, f"scratch_{tag}", "logs"),
-                                      hparams={"method": "scratch", "labels_per_class": k, "seed": seed}))
+                scratch_model.fit(
+                    xs,
+                    ys,
+                    batch_size=BATCH_SIZE,
+                    epochs=6,
+                    verbose=verbose,
+                    callbacks=tlkeras.callbacks.tensorboard_callbacks(
+                        os.path.join(run_dir, f"scratch_{tag}", "logs"),
+                        hparams={"method": "scratch", "labels_per_class": k, "seed": seed},
+                    ),
+                )
                 scratch = _accuracy(scratch_model, test)
                 scores.setdefault(k, []).append((transfer, scratch))
-                say(f"  {k:>2} labels/class, seed {seed}: transfer {transfer:.3f}, scratch {scratch:.3f}")
+                say(f"  {k:>2} labels/class, seed {seed}: transfer {transfer:.3f}, "
+                    f"scratch {scratch:.3f}")
 
     rows = []
     for k, pairs in scores.items():
         t, s = np.asarray(pairs).T
-        rows.append({"labels_per_class": k, "transfer": float(t.mean()), "scratch": float(s.mean()),
-                     "transfer_std": float(t.std()), "scratch_std": float(s.std()), "seeds": len(t)})
+        rows.append(
+            {
+                "labels_per_class": k,
+                "transfer": float(t.mean()),
+                "scratch": float(s.mean()),
+                "transfer_std": float(t.std()),
+                "scratch_std": float(s.std()),
+                "seeds": len(t),
+            }
+        )
     _write_results(run_dir, rows)
-    results = {"rows": rows, "source_accuracy": source_accuracy, "run_dir": os.path.abspath(run_dir),
-               "seconds": time.time() - start}
+    results = {
+        "rows": rows,
+        "source_accuracy": source_accuracy,
+        "run_dir": os.path.abspath(run_dir),
+        "seconds": time.time() - start,
+    }
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     say("")
@@ -202,13 +224,28 @@ def _pretrain(x, y, run_dir, verbose, say):
     keras.utils.set_random_seed(0)
     body = small_cnn()
     L = keras.layers
-    model = _compile(keras.Sequential([
-        keras.Input(body.input_shape[1:]), L.RandomTranslation(0.125, 0.125), L.RandomRotation(0.06),
-        _with_head(body, len(SOURCE_CLASSES))]))
+    model = _compile(
+        keras.Sequential(
+            [
+                keras.Input(body.input_shape[1:]),
+                L.RandomTranslation(0.125, 0.125),
+                L.RandomRotation(0.06),
+                _with_head(body, len(SOURCE_CLASSES)),
+            ]
+        )
+    )
     say(f"Source task: pretraining a small CNN on digits 0-4 ({source.sum()} images) ...")
     history = model.fit(
-        x[source], y[source], batch_size=32, epochs=15, validation_split=0.15, verbose=verbose,
-        callbacks=tlkeras.callbacks.tensorboard_callbacks(os.path.join(run_dir, "pretrain", "logs")))
+        x[source],
+        y[source],
+        batch_size=32,
+        epochs=15,
+        validation_split=0.15,
+        verbose=verbose,
+        callbacks=tlkeras.callbacks.tensorboard_callbacks(
+            os.path.join(run_dir, "pretrain", "logs")
+        ),
+    )
     base_path = os.path.join(run_dir, "pretrained_base.keras")
     body.save(base_path)
     accuracy = float(history.history["val_accuracy"][-1])
@@ -245,9 +282,11 @@ def format_table(rows):
     lines = ["Test accuracy on digits 5-9 (mean +- std over seeds)",
              f"{'labels/class':>12}  {'transfer':>14}  {'from scratch':>14}  {'gain':>6}"]
     for r in rows:
-        lines.append(f"{r['labels_per_class']:>12}  {r['transfer']:>7.3f} +- {r['transfer_std']:.3f}"
-                     f"  {r['scratch']:>7.3f} +- {r['scratch_std']:.3f}"
-                     f"  {r['transfer'] - r['scratch']:>+6.3f}")
+        lines.append(
+            f"{r['labels_per_class']:>12}  {r['transfer']:>7.3f} +- {r['transfer_std']:.3f}"
+            f"  {r['scratch']:>7.3f} +- {r['scratch_std']:.3f}"
+            f"  {r['transfer'] - r['scratch']:>+6.3f}"
+        )
     return "\n".join(lines)
 
 
