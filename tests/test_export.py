@@ -176,3 +176,14 @@ def test_clear_errors(trained, tmp_path):
     )
     with pytest.raises(ValueError, match="fixed size"):
         export_model(flexible, tmp_path)
+
+
+def test_model_with_augmentation_layers_exports_to_every_format(tmp_path):
+    base = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
+                             keras.layers.Conv2D(4, 3, activation="relu")])
+    model = tlkeras.build_transfer_model(
+        base, 3, augmentation=[keras.layers.RandomFlip(), keras.layers.RandomRotation(0.1)])
+    result = tlkeras.export_model(model, tmp_path, formats=("keras", "saved_model", "tflite"))
+    assert set(result.checks) >= {"keras", "saved_model", "tflite"}
+    reloaded = keras.saving.load_model(result.paths["keras"])
+    assert "augmentation" in [layer.name for layer in reloaded.layers]  # .keras keeps it for training

@@ -101,6 +101,11 @@ def test_feature_cache_is_skipped_for_augmented_data_and_either_phase_can_be_emp
     assert not result.used_feature_cache and result.epochs == 1
     with pytest.raises(ValueError, match="augmented"):
         tlkeras.fine_tune(model, train, head_epochs=1, fine_tune_epochs=0, cache_features=True, verbose=0)
+    x, y = digits_rgb(SIZE, classes=[5, 6, 7, 8, 9])
+    augmented = tlkeras.data.from_arrays(x[:64], y[:64], batch_size=32, seed=0, augmentation="light")
+    plain = _transfer_model(pretrained_base)
+    result = tlkeras.fine_tune(plain, augmented, head_epochs=1, fine_tune_epochs=0, verbose=0)
+    assert not result.used_feature_cache  # the pipeline's augmentation is seen, not frozen into a cache
     result = tlkeras.fine_tune(model, train, head_epochs=0, fine_tune_epochs=1, verbose=0)
     assert len(result.history["loss"]) == 1
     with pytest.raises(ValueError, match="precision"):

@@ -14,6 +14,8 @@ Example:
 
 import os as _os
 
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+
 _backend = _os.environ.get("KERAS_BACKEND", "tensorflow")
 if _backend != "tensorflow":
     raise ImportError(

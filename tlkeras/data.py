@@ -503,7 +503,9 @@ def _finish(ds, n, *, batch_size, shuffle, seed, cache, augmentation, elem_bytes
         ds = ds.map(lambda x, *y: (augmentation(x, training=True), *y) if y
                     else augmentation(x, training=True),
                     num_parallel_calls=AUTOTUNE if seed is None else None)
-    return ds.prefetch(AUTOTUNE)
+    ds = ds.prefetch(AUTOTUNE)
+    ds.augmentation = augmentation  # tlkeras.fine_tune / tune: no feature cache for augmented data
+    return ds
 
 
 def _files_dataset(records, labels, image_size, *, interpolation, crop_to_aspect_ratio, **tail):

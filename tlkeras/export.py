@@ -33,6 +33,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import models
+
 FORMATS = ("keras", "saved_model", "tflite")
 QUANTIZE = (None, "dynamic", "float16", "int8")
 
@@ -189,6 +191,7 @@ def export_model(
         if verify:
             check("keras", reloaded)
 
+    model = models.without_augmentation(model)  # inference graphs carry no random ops
     if "saved_model" in formats:
         path = result.paths["saved_model"] = os.path.join(directory, "saved_model")
         with _explained("saved_model", model, path):

@@ -202,6 +202,22 @@ def split_model(model):
     return extractor, keras.Model(head_input, x, name=f"{model.name}_head")
 
 
+def without_augmentation(model):
+    """The same model (shared layers and weights) without its "augmentation" layer.
+
+    Augmentation is a no-op at inference; dropping it keeps its random ops out of
+    exported graphs (TFLite cannot convert them). Returns `model` if it has none.
+    """
+    if "augmentation" not in [layer.name for layer in model.layers]:
+        return model
+    inputs = keras.Input(shape=tuple(model.input_shape[1:]), name=model.inputs[0].name)
+    x = inputs
+    for layer in model.layers[1:]:  # a tlkeras image model is a chain of layers
+        if layer.name != "augmentation":
+            x = layer(x)
+    return keras.Model(inputs, x, name=model.name)
+
+
 def freeze(model):
     """Freezes the whole base; the head stays trainable."""
     set_trainable_depth(get_base(model), 0)
