@@ -1,13 +1,15 @@
 """Shared helpers for the benchmarks: machine description and real JPEG folders."""
 
 import concurrent.futures
-import gzip
 import os
 import platform
 import sys
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recipes.fashion_mnist import read_idx  # noqa: E402  (one IDX reader for recipe and benches)
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -38,21 +40,13 @@ def machine():
     return "\n".join(lines)
 
 
-def _idx(path):
-    with gzip.open(path) as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def source_images():
     """(images uint8 (N, 28, 28) or (N, 8, 8), labels, class names): Fashion-MNIST when
     installed (apt-get install dataset-fashion-mnist), else scikit-learn digits."""
     path = os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")
     if os.path.exists(path):
-        labels = _idx(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"))
-        return _idx(path), labels, FASHION_CLASSES, "fashion-mnist"
+        labels = read_idx(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"))
+        return read_idx(path), labels, FASHION_CLASSES, "fashion-mnist"
     from sklearn.datasets import load_digits
 
     d = load_digits()
