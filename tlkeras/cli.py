@@ -11,6 +11,7 @@
     tlkeras backbones
     tlkeras weights ResNet50 [--verify resnet50_notop.h5]
     tlkeras demo [--quick]
+    tlkeras add-classes --model runs/flowers --image_dir new_flowers/ [--method rehearsal+lwf]
 
 Every subcommand has `--help`. Every setting of `train` and `tune` can also
 come from `--config file.yaml|json` (keys are the flag names without `--`;
@@ -348,6 +349,27 @@ def build_parser():
     weights.add_argument("name", help="a backbone name, e.g. ResNet50")
     weights.add_argument("--verify", type=_existing("file"), metavar="PATH",
                          help="load this .h5/.weights.h5/.keras file into the architecture")
+
+    add_cls = add("add-classes", "Add new classes to a trained model without forgetting the old "
+                  "ones (tlkeras.add_classes: exemplar rehearsal and distillation).")
+    add_cls.add_argument("--model", required=True, type=_existing("folder"),
+                         help="a run folder holding model.keras (of train or add-classes)")
+    add_cls.add_argument("--image_dir", required=True, type=_existing("folder"),
+                         help="one subfolder of images per NEW class")
+    add_cls.add_argument("--old_image_dir", type=_existing("folder"),
+                         help="images of the old classes to choose exemplars from (default: the "
+                              "run's memory/, else the --image_dir its cli_config.json names)")
+    add_cls.add_argument("--method", choices=("rehearsal+lwf", "rehearsal", "lwf", "naive"),
+                         default="rehearsal+lwf")
+    add_cls.add_argument("--epochs", type=_number(int, 1), default=30, help="head training")
+    add_cls.add_argument("--learning_rate", type=_number(float, 0, low_open=True), default=1e-3)
+    add_cls.add_argument("--memory_per_class", type=_number(int, 1), default=20,
+                         help="exemplars kept per class")
+    add_cls.add_argument("--memory_size", type=_number(int, 1), help="exemplars kept in all")
+    add_cls.add_argument("--run_dir", metavar="DIR",
+                         help="write the extended run here (default: update --model in place)")
+    add_cls.add_argument("--batch_size", type=_number(int, 1), default=32)
+    add_cls.add_argument("--seed", type=int, default=42)
 
     demo = add("demo", "The offline example: transfer from digits 0-4 to 5-9 against training "
                "from scratch, at several label budgets.")
@@ -772,6 +794,15 @@ def cmd_evaluate(args):
     size = model.input_shape[1]
     data, _ = _load_data(args, size, training=False)
     names = _class_names(args.model, None, model.output_shape[-1])
+    from tlkeras.continual import load_class_steps
+
+    steps = load_class_steps(os.path.dirname(os.path.abspath(_model_path(args.model))))
+    if steps and args.image_dir and data.class_names is not None and \
+            sorted(data.class_names) == sorted(names) and list(data.class_names) != names:
+        from tlkeras import data as tldata  # classes added later come last in the output
+
+        data = tldata.from_directory(args.image_dir, size, class_names=names,
+                                     batch_size=args.batch_size, shuffle=False)
     if data.class_names is not None and list(data.class_names) != names:
         print(f"note: the data's classes {list(data.class_names)} differ from the model's {names}; "
               "the data's are used", file=sys.stderr)
@@ -780,7 +811,8 @@ def cmd_evaluate(args):
         os.path.dirname(os.path.abspath(_model_path(args.model))), "evaluation"
     )
     with _quiet_tf():
-        report = tlkeras.evaluate(model, data, names, top_k=args.top_k, output_dir=output_dir)
+        report = tlkeras.evaluate(model, data, names, top_k=args.top_k, output_dir=output_dir,
+                                  class_steps=steps)
     print(f"{report.num_samples} images")
     for key, value in report.metrics.items():
         print(f"{key:>20}: {value:.4f}")
@@ -959,6 +991,40 @@ def cmd_weights(args):
     return 0
 
 
+def cmd_add_classes(args):
+    import tlkeras
+    from tlkeras import data
+
+    model = _load_model(args.model)
+    size = model.input_shape[1]
+    names = _class_names(args.model, None, model.output_shape[-1])
+    new = data.from_directory(args.image_dir, size, batch_size=args.batch_size, shuffle=False)
+    old_dir = args.old_image_dir
+    has_memory = os.path.isfile(os.path.join(args.model, "memory", "manifest.json"))
+    trained_on = os.path.join(args.model, "cli_config.json")
+    if old_dir is None and not has_memory and os.path.isfile(trained_on):
+        with open(trained_on) as f:
+            old_dir = json.load(f).get("image_dir")
+    old = None
+    if old_dir and args.method.startswith("rehearsal"):
+        print(f"Choosing exemplars of {len(names)} old classes from {old_dir}", flush=True)
+        old = data.from_directory(old_dir, size, class_names=names, batch_size=args.batch_size,
+                                  shuffle=False)
+    print(f"Adding {len(new.class_names)} classes ({', '.join(new.class_names)}) to "
+          f"{len(names)} with {args.method}", flush=True)
+    with _quiet_tf():
+        result = tlkeras.add_classes(
+            args.model, new, new_class_names=new.class_names, method=args.method, old_data=old,
+            class_names=names, epochs=args.epochs, learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
+            memory_per_class=args.memory_per_class, memory_size=args.memory_size,
+            run_dir=args.run_dir or args.model, seed=args.seed, verbose=_verbose())
+    print(f"Model: {os.path.join(result.run_dir, 'model.keras')} ({len(result.class_names)} "
+          f"classes; exemplar memory {len(result.memory)} images in "
+          f"{os.path.join(result.run_dir, 'memory')})")
+    return 0
+
+
 def cmd_demo(args):
     from tlkeras import demo
 
@@ -970,6 +1036,7 @@ def cmd_demo(args):
 _COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict,
              "export": cmd_export, "scan": cmd_scan, "backbones": cmd_backbones,
              "weights": cmd_weights, "demo": cmd_demo}
+_COMMANDS["add-classes"] = cmd_add_classes
 
 
 if __name__ == "__main__":

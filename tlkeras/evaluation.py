@@ -67,6 +67,7 @@ def evaluate(
     output_dir=None,
     history=None,
     num_mistakes=10,
+    class_steps=None,
 ):
     """Evaluates `model` on `data` and writes a report into `output_dir`.
 
@@ -91,6 +92,10 @@ def evaluate(
         history: a `keras.callbacks.History`, a dict of lists, or the path of
             a `history.csv` (`keras.callbacks.CSVLogger`).
         num_mistakes: how many of the most confident mistakes to list.
+        class_steps: the classes added at each step of `tlkeras.add_classes`
+            (default: `model.class_steps` when set); with several steps,
+            `old_class_accuracy` and `new_class_accuracy` (the last step's
+            classes) are reported too.
 
     Returns:
         An `EvaluationReport`.
@@ -155,6 +160,13 @@ def evaluate(
             np.diag(cm), cm.sum(axis=0), cm.sum(axis=1), class_names
         )
         report.metrics.update(summary)
+        steps = class_steps if class_steps is not None else getattr(model, "class_steps", None)
+        if task == "multiclass" and steps and len(steps) > 1:
+            from tlkeras.continual import step_accuracies
+
+            by_step = step_accuracies(labels, y_pred, steps)
+            report.metrics.update({k: by_step[k] for k in ("old_class_accuracy",
+                                                           "new_class_accuracy")})
         report.mistakes = _mistakes(
             labels, y_pred, y_prob, class_names, _file_paths(data, n), num_mistakes
         )
