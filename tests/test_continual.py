@@ -122,6 +122,20 @@ def test_add_classes_three_steps_memory_and_forgetting(run, tmp_path):
     assert report.metrics["old_class_accuracy"] > 0.65, report.metrics
     assert report.metrics["new_class_accuracy"] > 0.65, report.metrics
 
+    # `tlkeras evaluate` on a folder of all classes (alphabetical folders, mapped to the
+    # model's output order) reports old- and new-class accuracy.
+    all_dir = tmp_path / "all"
+    names = sum(state["class_steps"], [])
+    for c, name in enumerate(names):
+        (all_dir / name).mkdir(parents=True)
+        for i in np.flatnonzero(y_all == c)[:10]:
+            Image.fromarray(x_all[i]).save(all_dir / name / f"{i}.png")
+    assert cli.main(["evaluate", "--model", folder, "--image_dir", str(all_dir),
+                     "--output_dir", str(tmp_path / "evaluation")]) == 0
+    with open(tmp_path / "evaluation" / "report.json") as f:
+        metrics = json.load(f)["metrics"]
+    assert metrics["accuracy"] > 0.6 and metrics["old_class_accuracy"] > 0.5, metrics
+
     # A damaged memory is refused with one clear line naming the file.
     npz = [n for n in os.listdir(os.path.join(folder, "memory")) if n.endswith(".npz")]
     with open(os.path.join(folder, "memory", npz[0]), "r+b") as f:
