@@ -403,7 +403,8 @@ def add_classes(model, new_data, *, new_class_names, method="rehearsal+lwf", old
     _, head = models.split_model(extended)
     lwf = method.endswith("lwf")
     head.compile(keras.optimizers.Adam(learning_rate),
-                 IncrementalLoss(num_old, distillation if lwf else 0.0, temperature))
+                 IncrementalLoss(num_old, distillation if lwf else 0.0, temperature),
+                 steps_per_execution=32)  # small steps on features: less per-step overhead
     targets = np.concatenate([labels[:, None].astype("float32"), teacher], axis=1)
     weights = None
     if method != "naive":  # class-balanced cross-entropy: each class weighs the same
