@@ -46,8 +46,8 @@ from tlkeras import models
 
 logger = logging.getLogger("tlkeras")
 
-__all__ = ["AddClassesResult", "ExemplarMemory", "METHODS", "add_classes", "herding",
-           "load_class_steps", "step_accuracies"]
+__all__ = ["AddClassesResult", "ExemplarMemory", "IncrementalLoss", "METHODS", "add_classes",
+           "herding", "load_class_steps", "step_accuracies"]
 
 METHODS = ("rehearsal+lwf", "rehearsal", "lwf", "naive")
 MEMORY_DIR = "memory"
