@@ -25,6 +25,7 @@ import os
 import keras
 
 from tlkeras import backbones
+from tlkeras import text
 from tlkeras import weights as weights_module
 from tlkeras.layers import ImagePreprocessing, InferenceMode
 
@@ -123,7 +124,8 @@ def build_transfer_model(
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(units, activation=activation, dtype="float32",
                                  kernel_regularizer=kernel_regularizer, name="predictions")(x)
-    model = keras.Model(inputs, outputs, name=name or f"{base_layer.name}_transfer")
+    model_class = text.TextModel if inputs.dtype == "string" else keras.Model
+    model = model_class(inputs, outputs, name=name or f"{base_layer.name}_transfer")
     freeze(model)
     if trainable_layers:
         unfreeze(model, trainable_layers)
