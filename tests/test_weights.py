@@ -1,5 +1,8 @@
 """tlkeras.weights: a base's weights from whole-model files, nested or flattened, any input size."""
 
+import shutil
+
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -24,6 +27,20 @@ def original():
         for v, w in zip(base.weights, base.get_weights())
     ])
     return base
+
+
+def _as_keras2(path, out):
+    """A copy of a Keras 3 legacy `.h5` with Keras 2's weight names (`Conv1/kernel:0`)."""
+    shutil.copy(path, out)
+    with h5py.File(out, "r+") as f:
+        root = f["model_weights"]
+        for layer in root.attrs["layer_names"]:
+            group = root[layer]
+            names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]]
+            for name in names:
+                group.move(name, name + ":0")
+            group.attrs["weight_names"] = [(name + ":0").encode() for name in names]
+        f.attrs["keras_version"] = "2.15.0"
 
 
 def _features(base, size, weights, x):
@@ -57,9 +74,12 @@ def test_whole_models_nested_flattened_or_keras_at_another_size(original, tmp_pa
     for name, model in files.items():
         (model.save_weights if name.endswith(".weights.h5") else model.save)(str(tmp_path / name))
     original.save_weights(str(tmp_path / "base.weights.h5"))
+    for name in ["nested.h5", "flat.h5"]:
+        _as_keras2(tmp_path / name, tmp_path / f"keras2_{name}")
     pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     reference = _reference(original, 32, pixels)
-    for name in [*files, "base.weights.h5"]:  # saved at 48 px, loaded at 32 px
+    for name in [*files, "base.weights.h5", "keras2_nested.h5", "keras2_flat.h5"]:
+        # saved at 48 px, loaded at 32 px
         features = _features(_mobilenet(32), 32, str(tmp_path / name), pixels)
         np.testing.assert_allclose(features, reference, rtol=1e-4, atol=1e-4, err_msg=name)
 
