@@ -152,3 +152,31 @@ def test_minilm_fine_tuning_beats_random_weights(minilm, reuters):
     assert losses[-1] < losses[0]
     assert pretrained >= 0.9, pretrained
     assert pretrained >= random + 0.2, (pretrained, random)
+
+
+@pytest.mark.heavy
+def test_text_models_take_lists_and_arrays_of_strings(minilm, tmp_path):
+    """predict / evaluate / fit take Python lists and NumPy arrays of str, as KerasHub's do;
+    tlkeras.predict ranks the classes of texts and .keras files reload as text models."""
+    keras.utils.set_random_seed(0)
+    model = tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(16,))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    texts = ["great film", "dull", "oil prices rose", "shares were sold"]
+    expected = model(tf.constant(texts)).numpy()
+    for batch in (texts, np.array(texts), np.array(texts, dtype=object)):
+        np.testing.assert_allclose(model.predict(batch, verbose=0), expected, atol=1e-5)
+    loss, _ = model.evaluate(np.array(texts), [0, 1, 0, 1], verbose=0)
+    head = model.get_layer("predictions").kernel.numpy().copy()
+    history = model.fit(texts, [0, 1, 0, 1], batch_size=2, epochs=1, verbose=0,
+                        validation_data=(np.array(texts[:2]), np.array([0, 1])))
+    assert not np.allclose(head, model.get_layer("predictions").kernel.numpy())
+    assert "val_loss" in history.history and np.isfinite(loss)
+    with pytest.raises(ValueError, match=r"one string 'great film'.*\[text\]"):
+        model.predict("great film")
+
+    model.save(str(tmp_path / "text.keras"))
+    (tmp_path / "labels.txt").write_text("positive\nnegative\n")
+    result = tlkeras.predict(tmp_path / "text.keras", np.array(texts), top_k=1)
+    assert result.class_names == ["positive", "negative"] and result.inputs == texts
+    np.testing.assert_allclose(result.probabilities, model.predict(texts, verbose=0), atol=1e-5)
+    assert result.to_rows()[0]["text"] == "great film"

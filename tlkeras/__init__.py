@@ -61,3 +61,4 @@ from tlkeras import text  # noqa: E402,F401
 from tlkeras.hub import HubLayer  # noqa: E402,F401
 from tlkeras.tuning import TuneResult, tune  # noqa: E402,F401
 from tlkeras.continual import AddClassesResult, ExemplarMemory, add_classes  # noqa: E402,F401
+from tlkeras.predict import load_run, predict  # noqa: E402,F401

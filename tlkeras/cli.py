@@ -312,7 +312,8 @@ def build_parser():
     predict = add("predict", "Predict the top-k labels of image files or folders.")
     predict.add_argument("inputs", nargs="+", type=_existing("path"), metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--model", required=True, type=_existing("path"),
-                         help="a .keras file or a run/export folder holding model.keras")
+                         help="a .keras or .tflite file, a run folder, an export folder or a "
+                              "SavedModel folder")
     predict.add_argument("--labels", type=_existing("file"),
                          help="class names, one per line (default: labels.txt beside the model)")
     predict.add_argument("--top_k", type=_number(int, 1), default=3)
@@ -574,36 +575,13 @@ def _model_path(path):
     return path
 
 
-def _load_model(path):
-    import keras
+def _load_model(path, labels_file=None):
+    """(keras model, class names) of a .keras file or a run/export folder holding model.keras."""
+    from tlkeras.predict import Predictor
 
-    import tlkeras  # noqa: F401 - registers tlkeras layers for deserialization
-
-    return keras.saving.load_model(_model_path(path), compile=False)
-
-
-def _class_names(model_path, labels_file, num_outputs):
-    """Class names from --labels, labels.txt beside the model or the run's config.json."""
-    folder = os.path.dirname(os.path.abspath(_model_path(model_path)))
-    names = None
-    candidates = [labels_file] if labels_file else [os.path.join(folder, "labels.txt")]
-    for path in candidates:
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                names = [line.rstrip("\n") for line in f if line.strip()]
-            break
-    if names is None and os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json")) as f:
-            names = json.load(f).get("class_names")
-    expected = 2 if num_outputs == 1 else num_outputs
-    if names is None:
-        return [str(i) for i in range(expected)]
-    if len(names) != expected:
-        raise UsageError(
-            f"{len(names)} class names (from {labels_file or folder}) but the model has "
-            f"{expected} classes"
-        )
-    return [str(n) for n in names]
+    _model_path(path)  # a clear usage error when there is no model.keras
+    predictor = Predictor(path, labels_file)
+    return predictor.model, predictor.class_names
 
 
 def _copy(source, target):
@@ -790,10 +768,9 @@ def cmd_tune(args):
 def cmd_evaluate(args):
     import tlkeras
 
-    model = _load_model(args.model)
+    model, names = _load_model(args.model)
     size = model.input_shape[1]
     data, _ = _load_data(args, size, training=False)
-    names = _class_names(args.model, None, model.output_shape[-1])
     from tlkeras.continual import load_class_steps
 
     steps = load_class_steps(os.path.dirname(os.path.abspath(_model_path(args.model))))
@@ -829,87 +806,28 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    import numpy as np
-    import tensorflow as tf
-    from tqdm import tqdm
+    from tlkeras.predict import Predictor, predict
 
-    from tlkeras import data
-
-    model = _load_model(args.model)
-    names = _class_names(args.model, args.labels, model.output_shape[-1])
-    height, width = model.input_shape[1:3]
-    files = []
-    for path in args.inputs:
-        if os.path.isdir(path):
-            files += sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs
-                            if f.lower().endswith(data.IMAGE_EXTENSIONS))
-        else:
-            files.append(path)
-    rows, images, kept = [], [], []
-
-    def flush():
-        if images:
-            probabilities = np.asarray(model.predict_on_batch(np.stack(images)), "float32")
-            for path, p in zip(kept, probabilities):
-                p = np.array([1 - p[0], p[0]]) if p.shape[-1] == 1 else p
-                top = np.argsort(-p, kind="stable")[:min(args.top_k, len(p))]
-                rows.append({"file": path, "predictions": [
-                    {"label": names[i], "probability": round(float(p[i]), 6)} for i in top]})
-            images.clear()
-            kept.clear()
-
-    for path in tqdm(files, desc="predict", unit="image", disable=None, file=sys.stderr):
-        try:
-            image = _read_image(path)
-        except Exception as error:  # noqa: BLE001 - a bad file is skipped, not fatal
-            print(f"skipping {path}: {error}", file=sys.stderr)
-            continue
-        images.append(tf.image.resize(image, (height, width), method="bilinear").numpy())
-        kept.append(path)
-        if len(images) == args.batch_size:
-            flush()
-    flush()
-    if not rows:
-        raise Failure(f"no readable images in {', '.join(args.inputs)}")
-    _write_predictions(rows, args.output, args.top_k)
-    return 0
-
-
-def _read_image(path):
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("RGBA", "LA", "P"):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        return np.asarray(image.convert("RGB"), dtype="float32")
-
-
-def _write_predictions(rows, output, top_k):
-    if output and output.endswith(".json"):
-        with open(output, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"Predictions of {len(rows)} images: {output}", file=sys.stderr)
-        return
-    import csv
-
-    k = max(len(r["predictions"]) for r in rows)
-    header = ["file"] + [f"{what}_{i + 1}" for i in range(k) for what in ("label", "probability")]
-    f = open(output, "w", newline="") if output else sys.stdout
     try:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for r in rows:
-            writer.writerow(
-                [r["file"]] + [v for p in r["predictions"] for v in (p["label"], p["probability"])]
-            )
-    finally:
-        if output:
-            f.close()
-            print(f"Predictions of {len(rows)} images: {output}", file=sys.stderr)
+        model = Predictor(args.model, args.labels)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"argument --model: {error}") from None
+    with _quiet_tf():
+        result = predict(model, args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    for path, reason in result.skipped:
+        print(f"skipping {path}: {reason}", file=sys.stderr)
+    if args.output and args.output.endswith(".json"):
+        k = result.top_k.shape[1]
+        records = [{"file": row["file"], "predictions": [
+            {"label": row[f"label_{i}"], "probability": row[f"probability_{i}"]}
+            for i in range(1, k + 1)]} for row in result.to_rows()]
+        with open(args.output, "w") as f:
+            json.dump(records, f, indent=2)
+    else:
+        result.to_csv(args.output or sys.stdout)
+    if args.output:
+        print(f"Predictions of {len(result.inputs)} images: {args.output}", file=sys.stderr)
+    return 0
 
 
 def cmd_export(args):
@@ -917,9 +835,8 @@ def cmd_export(args):
 
     from tlkeras import data
 
-    model = _load_model(args.model)
+    model, names = _load_model(args.model, args.labels)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    names = _class_names(args.model, args.labels, model.output_shape[-1])
     representative = None
     if args.representative_dir:
         representative = data.from_directory(args.representative_dir, tuple(model.input_shape[1:3]),

@@ -66,7 +66,7 @@ _SHUFFLE_BUFFER_BYTES = 256 * 2**20
 
 __all__ = [
     "ImageRecord", "ImageScanError", "ScanReport", "augmentation_preset",
-    "class_weights", "from_arrays", "from_csv", "from_directory", "from_tfds",
+    "class_weights", "from_arrays", "from_csv", "from_directory", "from_files", "from_tfds",
     "from_text_directory", "scan_images",
 ]
 
@@ -672,6 +672,59 @@ def from_directory(path, image_size, *, validation_split=None, subset=None, seed
             augmentation=aug if which == "training" else None)
         out.append(_attach(ds, names, sub, sub_y, report))
     return tuple(out) if subset == "both" else out[0]
+
+
+def from_files(paths, image_size, *, batch_size=32, interpolation="bilinear",
+               crop_to_aspect_ratio=False, strict=False, num_workers=None):
+    """Unlabelled, unshuffled images of files and folders (searched recursively), for prediction.
+
+    Every file is checked by :func:`scan_images` first: undecodable ones are
+    skipped (listed in ``scan_report.bad``), convertible ones converted.
+
+    Args:
+        paths: image files and/or folders (one path or a list).
+        image_size: ``(height, width)`` (or an int) to resize to.
+        batch_size, interpolation, crop_to_aspect_ratio: as in :func:`from_directory`.
+        strict, num_workers: see :func:`scan_images`.
+
+    Returns:
+        A ``tf.data.Dataset`` of float32 ``(B, H, W, 3)`` pixels in [0, 255], in
+        the order of ``paths`` (a folder's files sorted), with ``file_paths``
+        (the usable files, in that order) and ``scan_report``.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> from PIL import Image
+    >>> folder = tempfile.mkdtemp()
+    >>> Image.new("RGB", (20, 10), "red").save(os.path.join(folder, "a.png"))
+    >>> ds = from_files([folder], (8, 8))
+    >>> next(iter(ds)).shape
+    TensorShape([1, 8, 8, 3])
+    """
+    image_size = _image_size(image_size)
+    files = []
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            files += _list_images(path)[0]
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No such image file or folder: {path!r}.")
+    if not files:
+        raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in {paths!r}.")
+    files = [os.path.abspath(f) for f in files]
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    report = _scan_files(files, root, strict=strict, num_workers=num_workers)
+    by_path = {r.path: r for r in report.images}
+    records = [by_path[f] for f in files if f in by_path]
+    if not records:
+        raise ValueError(f"No decodable images in {paths!r}:\n{report}")
+    ds = _files_dataset(records, None, image_size, interpolation=interpolation,
+                        crop_to_aspect_ratio=crop_to_aspect_ratio, batch_size=batch_size,
+                        shuffle=False, seed=None, cache=False, augmentation=None)
+    return _attach(ds, None, records, None, report)
 
 
 def from_csv(path, image_column, label_column, *, image_size, label_sep=None,

