@@ -60,3 +60,10 @@ from tlkeras.training import FineTuneResult, fine_tune  # noqa: E402,F401
 from tlkeras import text  # noqa: E402,F401
 from tlkeras.hub import HubLayer  # noqa: E402,F401
 from tlkeras.tuning import TuneResult, tune  # noqa: E402,F401
+from tlkeras.unlabeled import (  # noqa: E402,F401
+    GradientReversal,
+    adapt,
+    cluster,
+    pretrain,
+    similar,
+)
