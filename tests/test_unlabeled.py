@@ -197,3 +197,55 @@ def test_coral_gap_measure():
     a = rng.normal(size=(300, 5))
     assert covariance_gap(a, a) == 0.0
     assert covariance_gap(a, 2 * a) > 0.0
+
+
+def test_cli_pretrain_adapt_cluster(digits_base, tmp_path, capsys):
+    from PIL import Image
+
+    from tlkeras import cli
+
+    xs, ys, xt, _ = _source_target()
+    for i in range(60):
+        folder = tmp_path / "source" / str(ys[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(xs[i]).save(folder / f"{i}.png")
+        (tmp_path / "target" / "any").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(xt[i]).save(tmp_path / "target" / "any" / f"{i}.png")
+    model = tlkeras.build_transfer_model(keras.saving.load_model(digits_base), 5, weights=None)
+    model.save(tmp_path / "model.keras")
+
+    assert cli.main(["pretrain", "--model", digits_base, "--unlabeled_dir", tmp_path / "target",
+                     "--run_dir", tmp_path / "run", "--epochs", "1", "--batch_size", "16"]) == 0
+    adapted = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert adapted.output_shape == (None, 4, 4, 32)
+
+    assert cli.main(["adapt", "--model", tmp_path / "model.keras", "--image_dir",
+                     tmp_path / "source", "--target_dir", tmp_path / "target", "--epochs", "2",
+                     "--output", tmp_path / "adapted.keras"]) == 0
+    assert "picked by source validation" in capsys.readouterr().out
+    assert keras.saving.load_model(tmp_path / "adapted.keras").output_shape == (None, 5)
+
+    out = tmp_path / "clusters.csv"
+    assert cli.main(["cluster", "--model", tmp_path / "adapted.keras", "--image_dir",
+                     tmp_path / "target", "--n_clusters", "3", "--output", out]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "file,cluster" and len(lines) == 61
+    assert {line.rsplit(",", 1)[1] for line in lines[1:]} <= {"0", "1", "2"}
+    assert cli.main(["cluster", "--model", tmp_path / "model.keras", "--image_dir",
+                     tmp_path / "nowhere"]) == 2
+
+
+@pytest.mark.heavy
+def test_domain_shift_recipe_smoke(tmp_path):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, REPO)
+    from recipes import domain_shift
+
+    result = domain_shift.main(["--smoke", "--output_dir", str(tmp_path)])
+    assert result["adapt"].covariance_gap_after < result["adapt"].covariance_gap_before
+    assert result["similar"].indices.shape == (20, 10)
+    assert os.path.isfile(tmp_path / "index.npz")
+    assert os.path.isfile(tmp_path / "pretrain" / "model.keras")

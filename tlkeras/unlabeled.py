@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -540,7 +541,7 @@ def covariance_gap(a, b):
     return float(np.sum((_covariance(a) - _covariance(b)) ** 2) / (4 * d * d))
 
 
-def coral_transform(source_features, target_features, eps=0.01):
+def coral_transform(source_features, target_features, eps=0.01, apply_to=None):
     """CORAL (Sun, Feng and Saenko 2016): source features recoloured with the target's statistics.
 
     Whitens the source features with their own covariance, then colours them
@@ -566,7 +567,8 @@ def coral_transform(source_features, target_features, eps=0.01):
 
     whiten = _matrix_power(regularized(source), -0.5)
     colour = _matrix_power(regularized(target), 0.5)
-    moved = (source - source.mean(0)) @ whiten @ colour + target.mean(0)
+    points = source if apply_to is None else np.asarray(apply_to, "float64")
+    moved = (points - source.mean(0)) @ whiten @ colour + target.mean(0)
     return moved.astype("float32")
 
 
@@ -663,22 +665,21 @@ def adapt(model, source_data, target_data, *, method="coral", epochs=10, learnin
 
 
 class _PickBest(keras.callbacks.Callback):
-    """Keeps the weights of `model` at the epoch with the best validation accuracy (or loss)."""
+    """Keeps the weights of `model` at the epoch with the best `score()` (else the lowest loss)."""
 
-    def __init__(self, model, val, selected_by):
+    def __init__(self, model, score=None):
         super().__init__()
-        self.full_model, self.val, self.selected_by = model, val, selected_by
-        self.best, self.weights, self.best_epoch, self.scores = -math.inf, None, None, []
+        self.full_model, self.score = model, score
+        self.best, self.weights, self.best_epoch = -math.inf, None, None
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.val is not None:
-            score = _score(self.full_model, self.val)
-            (logs if logs is not None else {})["selection_accuracy"] = score
+        logs = logs if logs is not None else {}
+        if self.score is not None:
+            value = logs["selection_accuracy"] = self.score()
         else:
-            score = -float((logs or {}).get("loss", (logs or {}).get("predictions_loss", 0.0)))
-        self.scores.append(score)
-        if score >= self.best:
-            self.best, self.best_epoch = score, epoch
+            value = -float(logs.get("loss", 0.0))
+        if value >= self.best:
+            self.best, self.best_epoch = value, epoch
             self.weights = self.full_model.get_weights()
 
     def restore(self):
@@ -696,7 +697,17 @@ def _coral(model, source, target, val, selected_by, *, epochs, learning_rate, ep
     _, head = models.split_model(model)
     loss, metrics = training.loss_and_metrics(models.infer_task(model))
     head.compile(keras.optimizers.Adam(learning_rate or 1e-3), loss, metrics=metrics)
-    pick = _PickBest(model, val, selected_by)
+    score = None
+    if selected_by == "target_validation":
+        score = functools.partial(_score, model, val)
+    elif selected_by == "source_validation":
+        # The head learns source features moved to the target's statistics: score it on
+        # source validation features moved the same way.
+        fv, yv = extract_features(model, val, verbose=0)
+        moved_val = tf.data.Dataset.from_tensor_slices(
+            (coral_transform(xs, xt, eps=eps, apply_to=fv), yv)).batch(256)
+        score = functools.partial(_score, head, moved_val)
+    pick = _PickBest(model, score)
     batch = training._batch_size(source)
     history = head.fit(moved, ys, batch_size=batch, epochs=epochs, callbacks=[pick],
                        verbose=verbose)
@@ -749,7 +760,7 @@ def _dann(model, source, target, val, selected_by, *, epochs, learning_rate, dom
 
     steps = training._steps_per_epoch(source)
     data = tf.data.Dataset.zip(source.repeat(), target.repeat()).map(joined).take(steps)
-    pick = _PickBest(model, val, selected_by)
+    pick = _PickBest(model, None if val is None else functools.partial(_score, model, val))
     try:
         history = dann.fit(data.prefetch(tf.data.AUTOTUNE), epochs=epochs, verbose=verbose,
                            callbacks=[_RampReversal(reversal, domain_weight, steps * epochs),
