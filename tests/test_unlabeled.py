@@ -71,6 +71,12 @@ def test_pretrain_adapts_base_and_transfer_model_in_place(tmp_path):
     loaded = keras.saving.load_model(result.paths["model.keras"])
     np.testing.assert_allclose(loaded.predict(probe, verbose=0), base.predict(probe, verbose=0),
                                atol=1e-5)
+    # Started again on the finished run folder, it resumes: nothing to train, the weights restored.
+    again = tlkeras.pretrain(small_cnn(), x[:256], epochs=3, batch_size=64,
+                             run_dir=tmp_path / "run", verbose=0)
+    assert again.history == {}
+    for a, b in zip(again.model.get_weights(), base.get_weights()):
+        np.testing.assert_allclose(a, b)
 
     # A transfer model: its base adapts, its head and input contract stay.
     model = tlkeras.build_transfer_model(small_cnn(), 3, weights=None)

@@ -1021,8 +1021,9 @@ def cmd_pretrain(args):
     result = tlkeras.pretrain(model, images, epochs=args.epochs,
                               learning_rate=args.learning_rate, temperature=args.temperature,
                               run_dir=args.run_dir, seed=args.seed, verbose=_verbose())
-    print(f"NT-Xent loss {result.history['loss'][0]:.4f} -> {result.history['loss'][-1]:.4f}; "
-          f"adapted model: {result.paths['model.keras']}")
+    loss = result.history.get("loss") or [float("nan")]  # empty when a finished run resumes
+    print(f"NT-Xent loss {loss[0]:.4f} -> {loss[-1]:.4f}; adapted model: "
+          f"{result.paths['model.keras']}")
     return 0
 
 
