@@ -14,6 +14,7 @@
 
     python bench/bench_unlabeled.py              # all parts
     python bench/bench_unlabeled.py --parts a    # one part
+    python bench/bench_unlabeled.py --parts x    # (c) with ImageNet Xception (../shared/weights)
 """
 
 import argparse
@@ -36,6 +37,8 @@ from recipes.domain_shift import blend_on_photos  # noqa: E402
 from tlkeras.demo import load_digits_rgb, small_cnn  # noqa: E402
 
 SIZE = 16  # Fashion-MNIST resized to 16x16: the loaded 2-core machine
+XCEPTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                        "weights", "xception_imagenet_notop.weights.h5")
 TMP = tempfile.mkdtemp(prefix="bench_unlabeled_")
 
 
@@ -194,9 +197,29 @@ def part_c(args, split, pretrained, simclr):
               f"{chosen.nmi:.4f} | {found.recall_at_k:.4f} |", flush=True)
 
 
+def part_x(args):
+    """(c) again with ImageNet Xception features (the shared weights) vs the same net at random."""
+    x, y = fashion()
+    keep = np.flatnonzero(y >= 5)[:args.xception_images]
+    x = tf.image.resize(x[keep], (71, 71)).numpy().astype("uint8")
+    y = y[keep] - 5
+    cut = len(x) * 4 // 5
+    print("| Xception features (71x71) | NMI (k=5) | purity (k=5) | recall@10 |")
+    print("| --- | --- | --- | --- |")
+    for name, weights in (("random init", None), ("ImageNet", XCEPTION)):
+        keras.utils.set_random_seed(0)
+        model = tlkeras.build_transfer_model("Xception", 5, input_shape=(71, 71, 3),
+                                             weights=weights)
+        fixed = tlkeras.cluster(model, x, n_clusters=5, labels=y)
+        found = tlkeras.similar(model, x[:cut], x[cut:], k=10, index_labels=y[:cut],
+                                query_labels=y[cut:])
+        print(f"| {name} | {fixed.nmi:.4f} | {fixed.purity:.4f} | {found.recall_at_k:.4f} |",
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="abc")
+    parser.add_argument("--parts", default="abc", help="of a, b, c, x")
     parser.add_argument("--budgets", type=lambda s: [int(t) for t in s.split(",")],
                         default=[1, 10, 100])
     parser.add_argument("--seeds", type=int, default=2)
@@ -204,6 +227,7 @@ def main():
     parser.add_argument("--simclr_epochs", type=int, default=10)
     parser.add_argument("--dann_epochs", type=int, default=15)
     parser.add_argument("--dann_lr", type=float, default=1e-3)
+    parser.add_argument("--xception_images", type=int, default=500)
     parser.add_argument("--domain_weight", type=float, default=1.0)
     args = parser.parse_args()
     print(machine())
@@ -224,6 +248,10 @@ def main():
         t0 = time.time()
         part_c(args, split, *bases)
         print(f"(c) {time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
+    if "x" in args.parts:
+        t0 = time.time()
+        part_x(args)
+        print(f"(x) {time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
     print(f"total {time.time() - start:.0f} s; load average "
           + " ".join(f"{v:.1f}" for v in os.getloadavg()))
 
