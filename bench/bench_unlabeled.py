@@ -161,7 +161,8 @@ def part_b(args):
         rows[method] = accuracy(r.model, *test)
         extra = (f", feature covariance gap {r.covariance_gap_before:.3g} -> "
                  f"{r.covariance_gap_after:.3g}" if method == "coral" else "")
-        print(f"(b) {method}: {epochs} epochs, learning rate {lr:g}, checkpoint by {r.selected_by} (epoch "
+        print(f"(b) {method}: {epochs} epochs, learning rate {lr:g}, checkpoint by "
+              f"{r.selected_by} (epoch "
               f"{r.best_epoch}){extra} ({time.time() - t0:.0f} s)", flush=True)
 
     t0 = time.time()

@@ -48,14 +48,17 @@ def test_pretrain_adapts_base_and_transfer_model_in_place(tmp_path):
     augmentation = simclr_augmentation((16, 16, 3), seed=3)
     before_gap = _view_gap(encoder, probe, augmentation)
     before = [w.copy() for w in base.get_weights()]
-    layout = [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in base.layers]
+    def layout_of(model):
+        return [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in model.layers]
+
+    layout = layout_of(base)
     trainable = [layer.trainable for layer in base._flatten_layers()]
 
     result = tlkeras.pretrain(base, x[:256], epochs=3, batch_size=64, run_dir=tmp_path / "run",
                               seed=0, verbose=0)
 
     assert result.model is base
-    assert [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in base.layers] == layout
+    assert layout_of(base) == layout
     assert base.input_shape == (None, 16, 16, 3) and base.output_shape == (None, 4, 4, 32)
     assert not any("projection" in layer.name for layer in base._flatten_layers())
     assert [layer.trainable for layer in base._flatten_layers()] == trainable

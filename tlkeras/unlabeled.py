@@ -536,7 +536,7 @@ def _matrix_power(matrix, power):
 
 
 def covariance_gap(a, b):
-    """Frobenius distance between the feature covariances of `a` and `b`, over d^2 (CORAL's loss)."""
+    """CORAL's loss: squared Frobenius distance of the feature covariances, over 4 d^2."""
     d = a.shape[1]
     return float(np.sum((_covariance(a) - _covariance(b)) ** 2) / (4 * d * d))
 
@@ -584,7 +584,8 @@ def _images_only(data):
     data = _as_dataset(data)
     spec = data.element_spec
     if isinstance(spec, tuple):
-        logger.info("adapt: target_data holds labels; they are dropped (adaptation is unsupervised).")
+        logger.info("adapt: target_data holds labels; they are dropped (adaptation is "
+                    "unsupervised).")
         data = data.map(lambda *batch: batch[0])
     return data
 
@@ -644,7 +645,8 @@ def adapt(model, source_data, target_data, *, method="coral", epochs=10, learnin
         of the features before and after, `.best_epoch`).
     """
     if method not in ("coral", "dann"):
-        raise ValueError(f"adapt: expected method in ('coral', 'dann'), received method={method!r}.")
+        raise ValueError(f"adapt: expected method in ('coral', 'dann'), received "
+                         f"method={method!r}.")
     if not isinstance(source_data, tf.data.Dataset):
         source_data = _as_dataset(source_data)
     _split_labeled(source_data, "source_data")
