@@ -62,3 +62,10 @@ from tlkeras.hub import HubLayer  # noqa: E402,F401
 from tlkeras.tuning import TuneResult, tune  # noqa: E402,F401
 from tlkeras.continual import AddClassesResult, ExemplarMemory, add_classes  # noqa: E402,F401
 from tlkeras.predict import load_run, predict  # noqa: E402,F401
+from tlkeras.unlabeled import (  # noqa: E402,F401
+    GradientReversal,
+    adapt,
+    cluster,
+    pretrain,
+    similar,
+)

@@ -382,7 +382,50 @@ def build_parser():
         "--budgets", type=_ints, metavar="K,K,...", help="labels per class to compare"
     )
     demo.add_argument("--seeds", type=_number(int, 1), help="seeds averaged per budget")
+    _add_unlabeled_commands(add)
     return parser, subparsers
+
+
+def _add_unlabeled_commands(add):
+    """`pretrain`, `adapt`, `cluster`: learning from unlabeled images (tlkeras.unlabeled)."""
+    model_help = "a .keras file (a base or a transfer model) or a run folder holding model.keras"
+    pretrain = add("pretrain", "Self-supervised (SimCLR) training of a pretrained base or model "
+                   "on a folder of unlabeled images; writes <run_dir>/model.keras.")
+    pretrain.add_argument("--model", required=True, type=_existing("path"), help=model_help)
+    pretrain.add_argument("--unlabeled_dir", required=True, type=_existing("folder"),
+                          help="unlabeled images (any subfolders are ignored as labels)")
+    pretrain.add_argument("--run_dir", required=True, help="the run folder (resumable)")
+    pretrain.add_argument("--epochs", type=_number(int, 1), default=10)
+    pretrain.add_argument("--batch_size", type=_number(int, 2), default=64)
+    pretrain.add_argument("--learning_rate", type=_number(float, 0, low_open=True), default=1e-3)
+    pretrain.add_argument("--temperature", type=_number(float, 0, low_open=True), default=0.1)
+    pretrain.add_argument("--seed", type=int, default=42)
+
+    adapt = add("adapt", "Unsupervised domain adaptation of a trained transfer model toward a "
+                "folder of unlabeled target images (CORAL or DANN).")
+    adapt.add_argument("--model", required=True, type=_existing("path"), help=model_help)
+    adapt.add_argument("--image_dir", required=True, type=_existing("folder"),
+                       help="labeled source images, one subfolder per class")
+    adapt.add_argument("--target_dir", required=True, type=_existing("folder"),
+                       help="unlabeled target images (never read as labels)")
+    adapt.add_argument("--target_val_dir", type=_existing("folder"),
+                       help="a few labeled target images, one subfolder per class: only pick "
+                            "the checkpoint (default: source validation)")
+    adapt.add_argument("--method", choices=("coral", "dann"), default="coral")
+    adapt.add_argument("--epochs", type=_number(int, 1), default=10)
+    adapt.add_argument("--batch_size", type=_number(int, 1), default=32)
+    adapt.add_argument("--output", required=True, metavar="FILE.keras")
+    adapt.add_argument("--seed", type=int, default=42)
+
+    cluster = add("cluster", "Cluster a folder of images by k-means on a pretrained model's "
+                  "features; writes a CSV of file,cluster.")
+    cluster.add_argument("--model", required=True, type=_existing("path"), help=model_help)
+    cluster.add_argument("--image_dir", required=True, type=_existing("folder"))
+    cluster.add_argument("--n_clusters", type=_number(int, 1),
+                         help="default: chosen by silhouette score")
+    cluster.add_argument("--max_clusters", type=_number(int, 2), default=15)
+    cluster.add_argument("--output", metavar="FILE.csv", help="default: CSV on stdout")
+    cluster.add_argument("--batch_size", type=_number(int, 1), default=32)
 
 
 def _add_data_args(parser, validation):
@@ -908,13 +951,78 @@ def cmd_weights(args):
     return 0
 
 
+def _unlabeled_images(model, folder, batch_size, seed=None):
+    """The images of `folder` (recursively; subfolders are not labels), at the model's size."""
+    from tlkeras import data
+
+    height, width = model.input_shape[1:3]
+    if height is None:
+        raise UsageError("argument --model: the model's input size is not fixed")
+    return data.from_directory(folder, (height, width), labels=None, batch_size=batch_size,
+                               shuffle=seed is not None, seed=seed)
+
+
+def cmd_pretrain(args):
+    import tlkeras
+
+    model, _ = _load_model(args.model)
+    images = _unlabeled_images(model, args.unlabeled_dir, args.batch_size, args.seed)
+    result = tlkeras.pretrain(model, images, epochs=args.epochs,
+                              learning_rate=args.learning_rate, temperature=args.temperature,
+                              run_dir=args.run_dir, seed=args.seed, verbose=_verbose())
+    loss = result.history.get("loss") or [float("nan")]  # empty when a finished run resumes
+    print(f"NT-Xent loss {loss[0]:.4f} -> {loss[-1]:.4f}; adapted model: "
+          f"{result.paths['model.keras']}")
+    return 0
+
+
+def cmd_adapt(args):
+    import tlkeras
+    from tlkeras import data
+
+    model, _ = _load_model(args.model)
+    size = model.input_shape[1:3]
+    source, source_val = data.from_directory(args.image_dir, size, validation_split=0.2,
+                                             subset="both", batch_size=args.batch_size,
+                                             seed=args.seed)
+    target = _unlabeled_images(model, args.target_dir, args.batch_size, args.seed)
+    target_val = (data.from_directory(args.target_val_dir, size, batch_size=args.batch_size,
+                                      shuffle=False) if args.target_val_dir else None)
+    result = tlkeras.adapt(model, source, target, method=args.method, epochs=args.epochs,
+                           target_validation_data=target_val, source_validation_data=source_val,
+                           seed=args.seed, verbose=_verbose())
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    result.model.save(args.output)
+    print(f"{args.method}: checkpoint of epoch {result.best_epoch} (picked by "
+          f"{result.selected_by.replace('_', ' ')}); adapted model: {args.output}")
+    return 0
+
+
+def cmd_cluster(args):
+    import tlkeras
+
+    model, _ = _load_model(args.model)
+    images = _unlabeled_images(model, args.image_dir, args.batch_size)
+    result = tlkeras.cluster(model, images, n_clusters=args.n_clusters,
+                             max_clusters=args.max_clusters)
+    rows = ["file,cluster"] + [f"{path},{c}" for path, c in zip(images.file_paths,
+                                                                 result.labels)]
+    text = "\n".join(rows) + "\n"
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    print(f"{len(result.labels)} images in {result.n_clusters} clusters (silhouette "
+          f"{result.silhouette:.3f})", file=sys.stderr)
+
+
 def cmd_add_classes(args):
     import tlkeras
     from tlkeras import data
 
-    model = _load_model(args.model)
+    model, names = _load_model(args.model)
     size = model.input_shape[1]
-    names = _class_names(args.model, None, model.output_shape[-1])
     new = data.from_directory(args.image_dir, size, batch_size=args.batch_size, shuffle=False)
     old_dir = args.old_image_dir
     has_memory = os.path.isfile(os.path.join(args.model, "memory", "manifest.json"))
@@ -954,6 +1062,7 @@ _COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "pr
              "export": cmd_export, "scan": cmd_scan, "backbones": cmd_backbones,
              "weights": cmd_weights, "demo": cmd_demo}
 _COMMANDS["add-classes"] = cmd_add_classes
+_COMMANDS.update(pretrain=cmd_pretrain, adapt=cmd_adapt, cluster=cmd_cluster)
 
 
 if __name__ == "__main__":
