@@ -130,8 +130,8 @@ def main():
     t0 = time.perf_counter()
     result = tlkeras.tune("Xception", train, val, num_classes=num_classes, weights=XCEPTION,
                           tuner="random", max_trials=trials, max_epochs=a.epochs,
-                          search_space={"unfreeze_depth": depths}, head_epochs=a.head_epochs,
-                          directory=a.directory, project_name="tlkeras", seed=a.seed, verbose=0)
+                          search_space={"unfreeze": depths}, head_epochs=a.head_epochs,
+                          run_dir=os.path.join(a.directory, "tlkeras"), seed=a.seed, verbose=0)
     t_tlkeras = time.perf_counter() - t0
     print("load average at end:", " ".join(f"{v:.1f}" for v in os.getloadavg()))
 
@@ -141,7 +141,8 @@ def main():
     print("tlkeras.tune:")
     print(tlkeras.tuning.format_table(result.trials))
     same = [t.hyperparameters.values for t in plain_trials] == [
-        {k: r[k] for k in ("unfreeze_depth", "learning_rate", "dropout")} for r in result.trials]
+        {"unfreeze_depth": r["unfreeze"], "learning_rate": r["fine_tune_learning_rate"],
+         "dropout": r["dropout"]} for r in result.trials]
     best_plain = max(t.score for t in plain_trials)
     print(f"\nsame trial hyperparameters on both sides: {same}")
     print(f"plain:   wall {t_plain:7.1f} s  best val_accuracy {best_plain:.4f}")

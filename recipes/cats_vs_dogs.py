@@ -36,7 +36,8 @@ def main(argv=None):
             augmentation=[keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.2)])
         tlkeras.fine_tune(model, train, val, head_epochs=epochs[0], fine_tune_epochs=epochs[1],
                           unfreeze=54, unfreeze_unit="layers", optimizer="rmsprop",
-                          learning_rate=1e-4, fine_tune_learning_rate=1e-5, log_dir=out, seed=1)
+                          head_learning_rate=1e-4, fine_tune_learning_rate=1e-5, run_dir=out,
+                          seed=1)
         report = tlkeras.evaluate(model, val, train.class_names, output_dir=out)
     print(f"validation accuracy {report.metrics['accuracy']:.3f}; run folder {out}")
     return {"accuracy": report.metrics["accuracy"], "log_dir": out, "model": model}

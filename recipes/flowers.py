@@ -30,8 +30,8 @@ def main(argv=None):
             weights=None if args.smoke else "imagenet")
         # The training images are augmented: phase 1 cannot train on cached features.
         result = tlkeras.fine_tune(model, train, val, head_epochs=epochs, fine_tune_epochs=epochs,
-                                   unfreeze=3, learning_rate=1e-3, cache_features=False,
-                                   log_dir=out, seed=1)
+                                   unfreeze=3, head_learning_rate=1e-3, cache_features=False,
+                                   run_dir=out, seed=1)
         report = tlkeras.evaluate(model, val, train.class_names, output_dir=out,
                                   history=result.history)
         exported = tlkeras.export_model(model, os.path.join(out, "export"),

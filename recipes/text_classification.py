@@ -96,8 +96,8 @@ def main(argv=None):
     model = tlkeras.build_transfer_model(args.preset, num_classes=len(names),
                                          input_shape=(args.sequence_length,), dropout=0.1)
     tlkeras.fine_tune(model, train, val, head_epochs=1 if args.smoke else 10,
-                      fine_tune_epochs=1 if args.smoke else 3, unfreeze=1, learning_rate=1e-3,
-                      fine_tune_learning_rate=5e-5, log_dir=out, class_names=names, seed=1)
+                      fine_tune_epochs=1 if args.smoke else 3, unfreeze=1, head_learning_rate=1e-3,
+                      fine_tune_learning_rate=5e-5, run_dir=out, class_names=names, seed=1)
     report = tlkeras.evaluate(model, val, names, output_dir=out)
     print(f"validation accuracy {report.metrics['accuracy']:.3f}; per class "
           f"{ {n: round(r['f1'], 3) for n, r in report.per_class.items()} }")

@@ -323,7 +323,7 @@ def test_keras_hub_image_preset_builds_trains_and_exports(tmp_path):
     assert [layer.name for layer in model.layers][:4] == [
         "image",
         "preprocessing",
-        base.name,
+        f"{base.name}_inference",  # every base runs in inference mode (tlkeras.anatomy)
         "features",
     ]
     # The preset's converter takes [0, 255] pixels: resize to 32x32 and normalize.

@@ -83,13 +83,13 @@ def test_text_model_takes_raw_strings_and_round_trips(minilm, tmp_path):
     assert names == [
         "text",
         "preprocessing",
-        "bert_backbone",
+        "bert_backbone_inference",  # the backbone, in inference mode (tlkeras.anatomy's rule)
         "features",
         "head_dropout",
         "predictions",
     ]
     base = tlkeras.get_base(model)
-    assert base is model.get_layer("bert_backbone") and not base.trainable
+    assert base is model.get_layer("bert_backbone_inference").layer and not base.trainable
     assert base.layers[-1].name == "transformer_layer_5"  # the unused pooler is left out
 
     texts = np.array(["Hello world", "Crude oil prices rose sharply in New York."], dtype=object)

@@ -68,7 +68,7 @@ def test_two_phases_train_the_head_then_only_the_unfrozen_layers(pretrained_base
     before = {l.name: [w.numpy().copy() for w in l.weights] for l in base.layers}
     head_before = model.get_layer("predictions").kernel.numpy().copy()
     result = tlkeras.fine_tune(model, train, val, head_epochs=10, fine_tune_epochs=2, unfreeze=1,
-                               unfreeze_unit="blocks", learning_rate=1e-2, log_dir=tmp_path / "run",
+                               unfreeze_unit="blocks", head_learning_rate=1e-2, run_dir=tmp_path / "run",
                                seed=0, verbose=0)
     assert result.used_feature_cache and result.model is model
     assert len(result.history["val_accuracy"]) == 12 == result.epochs
@@ -106,6 +106,13 @@ def test_feature_cache_is_skipped_for_augmented_data_and_either_phase_can_be_emp
     plain = _transfer_model(pretrained_base)
     result = tlkeras.fine_tune(plain, augmented, head_epochs=1, fine_tune_epochs=0, verbose=0)
     assert not result.used_feature_cache  # the pipeline's augmentation is seen, not frozen into a cache
+    mapped = augmented.map(lambda x, y: (x, y))  # drops the attributes riding on the dataset
+    assert getattr(mapped, "augmentation", None) is None
+    result = tlkeras.fine_tune(plain, mapped, head_epochs=1, fine_tune_epochs=0, verbose=0)
+    assert not result.used_feature_cache  # still seen: its random ops are in the pipeline
+    with pytest.raises(ValueError, match="augmented"):
+        tlkeras.fine_tune(plain, mapped, head_epochs=1, fine_tune_epochs=0, cache_features=True,
+                          verbose=0)
     result = tlkeras.fine_tune(model, train, head_epochs=0, fine_tune_epochs=1, verbose=0)
     assert len(result.history["loss"]) == 1
     with pytest.raises(ValueError, match="precision"):

@@ -73,7 +73,7 @@ def read_run(path):
 def test_hyperband_budget_maps_onto_fine_tune_epochs_and_best_model_exports(pretrained, tmp_path):
     base, _, train, val = pretrained
     result = tlkeras.tune(base, train, val, tuner="hyperband", max_epochs=3, factor=3, max_trials=4,
-                          directory=tmp_path, project_name="hb", export_dir=tmp_path / "export",
+                          run_dir=tmp_path / "hb", export_dir=tmp_path / "export",
                           **SMALL)
     rows = result.trials
     assert [r["trial_id"] for r in rows] == ["0", "1", "2", "3"]
@@ -84,12 +84,12 @@ def test_hyperband_budget_maps_onto_fine_tune_epochs_and_best_model_exports(pret
     best_first = max(r["val_accuracy"] for r in rows[:3])
     [first] = [r for r in rows[:3] if r["trial_id"] == rows[3]["continues"]]
     assert first["val_accuracy"] == best_first
-    assert first["unfreeze_depth"] == rows[3]["unfreeze_depth"]
+    assert first["unfreeze"] == rows[3]["unfreeze"]
     assert result.best_score == max(r["val_accuracy"] for r in rows) > 0.3
     with open(result.csv_path) as f:
         table = list(csv.DictReader(f))
     assert [t["trial_id"] for t in table] == ["0", "1", "2", "3"]
-    assert {"unfreeze_depth", "learning_rate", "dropout", "val_accuracy", "epochs",
+    assert {"unfreeze", "fine_tune_learning_rate", "dropout", "val_accuracy", "epochs",
             "seconds"} <= set(table[0])
     assert float(table[3]["seconds"]) > 0
     # The best model is the best trial's, restored; its export reloads and predicts the same.
@@ -101,7 +101,10 @@ def test_hyperband_budget_maps_onto_fine_tune_epochs_and_best_model_exports(pret
     np.testing.assert_allclose(exported.predict(x, verbose=0),
                                result.best_model.predict(x, verbose=0), atol=1e-5)
     with open(os.path.join(result.directory, "best_hyperparameters.json")) as f:
-        assert json.load(f)["unfreeze_depth"] == result.best_hyperparameters["unfreeze_depth"]
+        assert json.load(f)["unfreeze"] == result.best_hyperparameters["unfreeze"]
+    with pytest.warns(FutureWarning, match="use `'unfreeze'`"):  # the old name, for one release
+        assert result.best_hyperparameters["unfreeze_depth"] == result.best_hyperparameters[
+            "unfreeze"]
 
 
 def test_depths_train_exactly_their_blocks_and_trials_log_hparams(pretrained, tmp_path):
@@ -109,13 +112,13 @@ def test_depths_train_exactly_their_blocks_and_trials_log_hparams(pretrained, tm
     names = ["conv1", "bn1", "conv2", "bn2", "conv3"]
     before = {name: base.get_layer(name).get_weights() for name in names}
     result = tlkeras.tune(base, train, val, tuner="grid", max_trials=3, max_epochs=1,
-                          search_space={"unfreeze_depth": [0, 1, 3], "learning_rate": 1e-3,
+                          search_space={"unfreeze": [0, 1, 3], "fine_tune_learning_rate": 1e-3,
                                         "dropout": 0.0},
-                          directory=tmp_path, project_name="grid", **SMALL)
+                          run_dir=tmp_path / "grid", **SMALL)
     oracle = result.tuner.oracle
     depths = {}
     for trial_id, trial in oracle.trials.items():
-        depth = trial.hyperparameters.get("unfreeze_depth")
+        depth = trial.hyperparameters.get("unfreeze")
         model = result.tuner.load_model(trial)
         trained = tlkeras.get_base(model)
         changed = {name for name, weights in before.items()
@@ -127,7 +130,7 @@ def test_depths_train_exactly_their_blocks_and_trials_log_hparams(pretrained, tm
         content = run.PluginTagToContent("hparams")[hparams_metadata.SESSION_START_INFO_TAG]
         info = hparams_metadata.parse_session_start_info_plugin_data(content)
         assert info.group_name == f"trial_{trial_id}"
-        assert dict(info.hparams)["unfreeze_depth"].number_value == depth
+        assert dict(info.hparams)["unfreeze"].number_value == depth
         [event] = run.Tensors("hparams/val_accuracy")
         assert float(tf.make_ndarray(event.tensor_proto)) == pytest.approx(trial.score)
     # Depth d trains the top d blocks of the base; BatchNormalization never changes.
@@ -140,10 +143,14 @@ def test_depths_train_exactly_their_blocks_and_trials_log_hparams(pretrained, tm
 
 def test_phase1_once_per_search_and_once_per_head_width(pretrained, tmp_path):
     base, _, train, val = pretrained
-    result = tlkeras.tune(base, train, val, tuner="bayesian", max_trials=3, max_epochs=1,
-                          num_initial_points=2,
-                          search_space={"head_units": [0, 8], "unfreeze_depth": [0, 1]},
-                          directory=tmp_path, project_name="bayes", **SMALL)
+    with pytest.warns(FutureWarning) as caught:  # old names still work, for one release
+        result = tlkeras.tune(base, train, val, tuner="bayesian", max_trials=3, max_epochs=1,
+                              num_initial_points=2,
+                              search_space={"head_units": [0, 8], "unfreeze_depth": [0, 1]},
+                              directory=tmp_path, project_name="bayes", **SMALL)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "use `run_dir`" in messages and "use `'unfreeze'`" in messages
+    assert result.directory == str(tmp_path / "bayes")
     rows = result.trials
     assert len(rows) == 3 and all(r["status"] == "COMPLETED" for r in rows)
     hypermodel = result.tuner.hypermodel
@@ -177,7 +184,7 @@ class FitCounter(keras.callbacks.Callback):
 
 def test_interrupted_search_resumes_without_repeating_finished_work(pretrained, tmp_path):
     base, _, train, val = pretrained
-    args = dict(tuner="random", max_trials=3, max_epochs=1, directory=tmp_path, project_name="rs",
+    args = dict(tuner="random", max_trials=3, max_epochs=1, run_dir=tmp_path / "rs",
                 callbacks=[FitCounter()], **SMALL)
     FitCounter.fits, FitCounter.kill_at = 0, 2
     with pytest.raises(Killed):
@@ -204,17 +211,17 @@ def test_interrupted_search_resumes_without_repeating_finished_work(pretrained, 
 def test_bad_arguments_name_the_argument(pretrained, tmp_path):
     base, _, train, val = pretrained
     with pytest.raises(ValueError, match="tuner"):
-        tlkeras.tune(base, train, val, num_classes=5, tuner="annealing", directory=tmp_path)
+        tlkeras.tune(base, train, val, num_classes=5, tuner="annealing", run_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown keys \\['depth'\\]"):
         tlkeras.tune(base, train, val, num_classes=5, search_space={"depth": [1, 2]},
-                     directory=tmp_path)
-    with pytest.raises(ValueError, match="unfreeze_depth=7"):
-        tlkeras.tune(base, train, val, num_classes=5, search_space={"unfreeze_depth": [1, 7]},
-                     tuner="grid", directory=tmp_path, verbose=0)
+                     run_dir=tmp_path)
+    with pytest.raises(ValueError, match="unfreeze=7"):
+        tlkeras.tune(base, train, val, num_classes=5, search_space={"unfreeze": [1, 7]},
+                     tuner="grid", run_dir=tmp_path, verbose=0)
     augmented = train.map(lambda x, y: (x, y))
     augmented.augmentation = "standard"
     with pytest.raises(ValueError, match="augment in the model"):
-        tlkeras.tune(base, augmented, val, num_classes=5, directory=tmp_path)
+        tlkeras.tune(base, augmented, val, num_classes=5, run_dir=tmp_path)
     with pytest.raises(TypeError, match="train_data"):
         tlkeras.tune(base, (np.zeros((4, 32, 32, 3)), np.zeros(4)), val, num_classes=5)
 
@@ -226,7 +233,7 @@ import keras, tlkeras
 from test_tuning import digit_datasets
 train, val = digit_datasets()
 result = tlkeras.tune(keras.saving.load_model({base!r}), train, val, num_classes=5, tuner="random",
-                      max_trials=2, max_epochs=1, directory={directory!r}, project_name="dist",
+                      max_trials=2, max_epochs=1, run_dir={directory!r} + "/dist",
                       head_epochs=2, seed=0, verbose=0)
 with open(sys.argv[1], "w") as f:
     json.dump({{"trials": result.trials, "best_model": result.best_model is not None}}, f)

@@ -24,7 +24,10 @@ if _backend != "tensorflow":
         "before importing keras or tlkeras."
     )
 
-import keras as _keras  # noqa: E402
+from tlkeras import quiet as _quiet  # noqa: E402
+
+with _quiet.native_stderr_filter():  # TensorFlow's native start-up notices (not errors)
+    import keras as _keras  # noqa: E402
 
 if _keras.backend.backend() != "tensorflow":  # e.g. set in ~/.keras/keras.json
     raise ImportError(
@@ -60,6 +63,7 @@ from tlkeras.training import FineTuneResult, fine_tune  # noqa: E402,F401
 from tlkeras import text  # noqa: E402,F401
 from tlkeras.hub import HubLayer  # noqa: E402,F401
 from tlkeras.tuning import TuneResult, tune  # noqa: E402,F401
+from tlkeras import anatomy, augmentation, phases  # noqa: E402,F401
 from tlkeras.continual import AddClassesResult, ExemplarMemory, add_classes  # noqa: E402,F401
 from tlkeras.predict import load_run, predict  # noqa: E402,F401
 from tlkeras.unlabeled import (  # noqa: E402,F401

@@ -36,6 +36,8 @@ import sys
 import tempfile
 import warnings
 
+from tlkeras import quiet
+
 DATA_SOURCES = ("image_dir", "tfds", "csv")
 
 
@@ -64,6 +66,7 @@ def main(argv=None):
             # Keras notes that tf.data inputs are not reshuffled by fit: they shuffle themselves.
             warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
             args = parse_args(argv)
+            quiet.start_devices()  # TensorFlow's device start-up notices stay off the screen
             return args.func(args) or 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -239,10 +242,11 @@ def build_parser():
     g.add_argument("--unfreeze", type=_depth, default="all",
                    help="phase 2 unfreezes this many blocks (or layers) of the base, or 'all'")
     g.add_argument("--unfreeze_unit", choices=("blocks", "layers"), default="blocks")
-    g.add_argument("--learning_rate", type=_number(float, 0, low_open=True), default=1e-3,
-                   help="phase 1 learning rate")
+    g.add_argument("--head_learning_rate", "--learning_rate", dest="learning_rate",
+                   type=_number(float, 0, low_open=True), default=1e-3,
+                   help="phase 1 learning rate (--learning_rate: its old name)")
     g.add_argument("--fine_tune_learning_rate", type=_number(float, 0, low_open=True),
-                   help="phase 2 peak learning rate (default: learning_rate / 20)")
+                   help="phase 2 peak learning rate (default: head_learning_rate / 20)")
     g.add_argument("--warmup_epochs", type=_number(float, 0), default=1)
     g.add_argument("--optimizer", choices=("adam", "adamw", "sgd", "rmsprop"), default="adam")
     g.add_argument("--momentum", type=_number(float, 0, 1),
@@ -294,8 +298,9 @@ def build_parser():
     g.add_argument("--learning_rates", metavar="LR,LR,...",
                    help="phase-2 learning rates to try (default: 1e-5 to 1e-3, log scale)")
     g.add_argument("--dropouts", metavar="P,P,...", help="dropout rates to try (default: 0 to 0.5)")
-    g.add_argument("--directory", default="tuning", help="the search folder's parent")
-    g.add_argument("--project_name", default="tlkeras")
+    g.add_argument("--run_dir", help="the search folder (default: DIRECTORY/PROJECT_NAME)")
+    g.add_argument("--directory", default="tuning", help="old form of --run_dir: its parent")
+    g.add_argument("--project_name", default="tlkeras", help="old form of --run_dir: its name")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="start afresh instead of resuming")
     g.add_argument("--export_dir", metavar="DIR", help="export the best model here")
@@ -673,15 +678,16 @@ def cmd_train(args):
     size = _image_size(args)
     if size is None:
         size = tuple(base.input_shape[1:3])[0]
-    augmentation = _augmentation(args)
-    train, val = _load_data(args, size, augmentation=augmentation)
+    augmentation = _augmentation(args)  # in the model: fine_tune sees it; exports drop it
+    train, val = _load_data(args, size)
     class_names = list(train.class_names)
     regularizer = keras.regularizers.L1L2(args.l1, args.l2) if (args.l1 or args.l2) else None
     keras.utils.set_random_seed(args.seed)
     model = tlkeras.build_transfer_model(
         base, len(class_names), input_shape=(size, size, 3), weights=weights,
         pooling=None if args.pooling == "flatten" else args.pooling, dropout=args.dropout,
-        hidden_units=tuple(args.hidden_units), kernel_regularizer=regularizer)
+        hidden_units=tuple(args.hidden_units), kernel_regularizer=regularizer,
+        augmentation=augmentation)
     optimizer = args.optimizer
     if args.momentum is not None:
         kind = keras.optimizers.SGD if args.optimizer == "sgd" else keras.optimizers.RMSprop
@@ -708,14 +714,14 @@ def cmd_train(args):
             fine_tune_epochs=args.fine_tune_epochs,
             unfreeze=args.unfreeze,
             unfreeze_unit=args.unfreeze_unit,
-            learning_rate=args.learning_rate,
+            head_learning_rate=args.learning_rate,
             fine_tune_learning_rate=args.fine_tune_learning_rate,
             optimizer=optimizer,
             warmup_epochs=args.warmup_epochs,
             label_smoothing=args.label_smoothing,
             class_weight="balanced" if args.balance_classes else None,
-            cache_features="auto" if augmentation is None else False,  # cache: no augmentation
-            log_dir=run_dir,
+            cache_features="auto",  # fine_tune caches only without augmentation
+            run_dir=run_dir,
             precision=args.precision,
             strategy=strategy,
             early_stopping=args.early_stopping,
@@ -781,20 +787,22 @@ def cmd_tune(args):
     train, val = _load_data(args, size)
     space = {}
     if args.unfreeze_depths:
-        space["unfreeze_depth"] = args.unfreeze_depths
-    for key, flag in (("learning_rate", args.learning_rates), ("dropout", args.dropouts)):
+        space["unfreeze"] = args.unfreeze_depths
+    for key, flag, name in (("fine_tune_learning_rate", args.learning_rates, "learning_rates"),
+                            ("dropout", args.dropouts, "dropouts")):
         if flag:
             try:
                 space[key] = [float(v) for v in flag.split(",") if v.strip()]
             except ValueError:
-                raise UsageError(f"argument --{key}s: expected comma-separated numbers, "
+                raise UsageError(f"argument --{name}: expected comma-separated numbers, "
                                  f"received {flag!r}") from None
     with _quiet_tf():
         result = tlkeras.tune(
             base, train, val, num_classes=len(train.class_names), input_shape=(size, size, 3),
             weights=weights, augmentation=_augmentation(args), search_space=space or None,
             tuner=args.tuner, max_trials=args.max_trials, max_epochs=args.max_epochs,
-            objective=args.objective, directory=args.directory, project_name=args.project_name,
+            objective=args.objective,
+            run_dir=args.run_dir or os.path.join(args.directory, args.project_name),
             overwrite=args.overwrite, head_epochs=args.head_epochs, export_dir=args.export_dir,
             seed=args.seed, verbose=1)
     print(f"Best: {json.dumps(result.best_hyperparameters)} "

@@ -166,8 +166,8 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
                     keras.saving.load_model(base_path), num_classes=5, weights=None)
                 tlkeras.fine_tune(
                     model, tlkeras.data.from_arrays(xs, ys, batch_size=BATCH_SIZE, seed=seed),
-                    head_epochs=5, fine_tune_epochs=3, learning_rate=1e-2,
-                    fine_tune_learning_rate=1e-3, log_dir=os.path.join(run_dir, f"transfer_{tag}"),
+                    head_epochs=5, fine_tune_epochs=3, head_learning_rate=1e-2,
+                    fine_tune_learning_rate=1e-3, run_dir=os.path.join(run_dir, f"transfer_{tag}"),
                     seed=seed, verbose=verbose)
                 transfer = _accuracy(model, test)
 

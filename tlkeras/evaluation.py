@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from tlkeras.models import TASKS, infer_task
+from tlkeras.anatomy import TASKS, infer_task
 
 THRESHOLD = 0.5  # decision threshold of "binary" and "multilabel" outputs
 

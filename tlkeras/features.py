@@ -6,13 +6,20 @@ the same pooled features, so computing them once gives the same head weights
 
 Example:
 
->>> model = tlkeras.build_transfer_model("MobileNetV2", 5, input_shape=(96, 96, 3))
->>> train = extract_features(model, train_ds, cache_dir="feature_cache")
->>> val = extract_features(model, val_ds, cache_dir="feature_cache")
+>>> import keras, numpy as np, tensorflow as tf, tlkeras
+>>> from tlkeras.features import extract_features, features_dataset
+>>> images = np.random.default_rng(0).uniform(0, 255, (16, 16, 16, 3)).astype("float32")
+>>> train_ds = tf.data.Dataset.from_tensor_slices((images, np.arange(16) % 2)).batch(8)
+>>> base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3)], name="tiny")
+>>> model = tlkeras.build_transfer_model(base, 2)
+>>> train = extract_features(model, train_ds, cache_dir="feature_cache", key="train", verbose=0)
+>>> train.features.shape
+(16, 4)
 >>> _, head = tlkeras.split_model(model)
 >>> head.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
->>> head.fit(features_dataset(train), validation_data=features_dataset(val), epochs=10)
->>> model.predict(images)  # the head trained in place: model is ready to use
+>>> history = head.fit(features_dataset(train), epochs=2, verbose=0)
+>>> model.predict(images, verbose=0).shape  # the head trained in place: model is ready
+(16, 2)
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tlkeras import anatomy
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +65,10 @@ def _extractor(model_or_base):
     if not isinstance(model_or_base, keras.Model):
         raise TypeError("extract_features: expected a keras.Model (a tlkeras transfer model or "
                         f"a base), received {type(model_or_base).__name__}.")
-    names = {layer.name for layer in model_or_base.layers}
-    if "features" in names and "predictions" in names:
+    if anatomy.is_transfer_model(model_or_base):
         # The image -> "features" half of tlkeras.split_model, built without the head half
         # (making a head calls the head layers again, which split_model cannot do twice).
-        features = model_or_base.get_layer("features").output
-        return keras.Model(model_or_base.inputs, features, name=f"{model_or_base.name}_features")
+        return anatomy.feature_extractor(model_or_base)
     inputs = keras.Input(tuple(model_or_base.inputs[0].shape[1:]), name="image")
     x = model_or_base(inputs, training=False)
     if len(x.shape) == 4:  # a base without pooling: average-pool it
@@ -116,9 +123,13 @@ def extract_features(model_or_base, dataset, *, cache_dir=None, key=None, verbos
 
     Example:
 
-    >>> feats, labels = extract_features(model, val_ds, verbose=0)
-    >>> feats.shape
-    (120, 1280)
+    >>> import keras, numpy as np, tensorflow as tf
+    >>> images = np.random.default_rng(0).uniform(0, 255, (12, 8, 8, 3)).astype("float32")
+    >>> train_ds = tf.data.Dataset.from_tensor_slices((images, np.arange(12) % 2)).batch(4)
+    >>> base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(5, 3)])
+    >>> feats, labels = extract_features(base, train_ds, verbose=0)  # 4D: average-pooled
+    >>> feats.shape, labels.shape
+    ((12, 5), (12,))
     """
     extractor = _extractor(model_or_base)
     path = None
@@ -170,7 +181,13 @@ def features_dataset(features, labels=None, *, batch_size=32, shuffle=True, seed
 
     Example:
 
-    >>> ds = features_dataset(extract_features(model, train_ds), batch_size=64, seed=0)
+    >>> import keras, numpy as np, tensorflow as tf
+    >>> images = np.random.default_rng(0).uniform(0, 255, (12, 8, 8, 3)).astype("float32")
+    >>> train_ds = tf.data.Dataset.from_tensor_slices((images, np.arange(12) % 2)).batch(4)
+    >>> base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(5, 3)])
+    >>> ds = features_dataset(extract_features(base, train_ds, verbose=0), batch_size=6, seed=0)
+    >>> [tuple(x.shape) for x, y in ds]
+    [(6, 5), (6, 5)]
     """
     if isinstance(features, FeatureSet):
         features, labels = features.features, features.labels if labels is None else labels
@@ -190,11 +207,15 @@ def fit_sklearn(estimator, model_or_base, dataset, *, cache_dir=None, key=None, 
 
     Example:
 
+    >>> import keras, numpy as np, tensorflow as tf
+    >>> images = np.random.default_rng(0).uniform(0, 255, (12, 8, 8, 3)).astype("float32")
+    >>> train_ds = tf.data.Dataset.from_tensor_slices((images, np.arange(12) % 2)).batch(4)
+    >>> base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(5, 3)])
     >>> from sklearn.svm import SVC
-    >>> svm = fit_sklearn(SVC(), model, train_ds)
-    >>> test = extract_features(model, test_ds)
-    >>> svm.score(test.features, sklearn_labels(test.labels))
-    0.93
+    >>> svm = fit_sklearn(SVC(), base, train_ds)
+    >>> test = extract_features(base, train_ds, verbose=0)
+    >>> 0 <= svm.score(test.features, sklearn_labels(test.labels)) <= 1
+    True
     """
     fs = extract_features(model_or_base, dataset, cache_dir=cache_dir, key=key, verbose=verbose)
     if fs.labels is None:

@@ -47,7 +47,7 @@ import tensorflow as tf
 
 from keras.src.saving import serialization_lib
 
-from tlkeras import models
+from tlkeras import anatomy, text
 
 _URL_PREFIXES = ("https://", "http://")
 # Handles this process has loaded: rebuilding a model from its config (clone_model,
@@ -344,14 +344,16 @@ def is_hub_handle(base):
     return base.startswith(_URL_PREFIXES)
 
 
-def build_features(base, *, input_shape=None, weights="imagenet", pooling="avg", augmentation=None):
+def build_features(base, *, input_shape=None, weights="imagenet", pooling="avg", augmentation=None,
+                   load_weights=None):
     """The input-to-"features" part of a transfer model for a hub or KerasHub `base`.
 
     Hook of `tlkeras.build_transfer_model` for a string `base` that is not a
     `keras.applications` name. Returns `(inputs, features, base_layer)`.
     `weights`: `"imagenet"` (the default) keeps the module's / preset's
     pretrained weights; `None` initializes a KerasHub backbone randomly; a
-    path to a `.weights.h5` / `.keras` file loads a KerasHub backbone from it.
+    path to a `.weights.h5` / `.keras` file loads a KerasHub backbone from it,
+    with `load_weights(backbone, path)` (default: `backbone.load_weights`).
     """
     base = os.fspath(base)
     if is_hub_handle(base):
@@ -373,17 +375,19 @@ def build_features(base, *, input_shape=None, weights="imagenet", pooling="avg",
         # Inference mode always, like every tlkeras base: BatchNormalization statistics stay
         # frozen even once unfrozen (Keras passes training=True to every layer in fit()).
         layer = HubLayer(base, arguments={"training": False}, name="hub_layer")
-        inputs, features = models.image_features(
+        inputs, features = anatomy.image_features(
             layer, input_shape, preprocessing="unit", pooling=pooling, augmentation=augmentation
         )
         return inputs, features, layer
     return keras_hub_features(
-        base, input_shape=input_shape, weights=weights, pooling=pooling, augmentation=augmentation
+        base, input_shape=input_shape, weights=weights, pooling=pooling, augmentation=augmentation,
+        load_weights=load_weights,
     )
 
 
 def keras_hub_features(
-    preset, *, input_shape=None, weights="imagenet", pooling="avg", augmentation=None
+    preset, *, input_shape=None, weights="imagenet", pooling="avg", augmentation=None,
+    load_weights=None,
 ):
     """`build_features` for a KerasHub preset (name, handle or local directory)."""
     import keras_hub
@@ -399,10 +403,11 @@ def keras_hub_features(
             f"directory) or a loadable KerasHub preset ({type(error).__name__}: {error})."
         ) from error
     if isinstance(weights, (str, os.PathLike)) and weights != "imagenet":
-        models.load_base_weights(backbone, weights)
+        if load_weights is None:
+            backbone.load_weights(os.fspath(weights))
+        else:
+            load_weights(backbone, weights)
     if isinstance(backbone.input, dict) and "token_ids" in backbone.input:
-        from tlkeras import text
-
         if augmentation is not None:
             raise ValueError(
                 f"build_transfer_model({preset!r}): augmentation is for images, not text."
@@ -410,7 +415,8 @@ def keras_hub_features(
         return text.text_features(backbone, preset, input_shape=input_shape, pooling=pooling)
     converter = None
     if _has_image_converter(preset):
-        converter = keras_hub.layers.ImageConverter.from_preset(preset, name="preprocessing")
+        converter = keras_hub.layers.ImageConverter.from_preset(
+            preset, name=anatomy.PREPROCESSING)
     if converter is None:
         raise ValueError(
             f"build_transfer_model({preset!r}): the preset has no image converter, so tlkeras "
@@ -420,20 +426,13 @@ def keras_hub_features(
     if input_shape is None:
         size = converter.image_size or (None, None)
         input_shape = (*size, 3)
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = inputs
-    if augmentation is not None:
-        x = models._augmentation_layer(augmentation)(x)
-    x = converter(x)
-    x = backbone(x, training=False)
-    if len(x.shape) == 3:  # vision transformers: (batch, tokens, dim)
-        from tlkeras.text import TokenPooling
-
+    if len(backbone.output.shape) == 3:  # vision transformers: (batch, tokens, dim)
         if pooling not in ("avg", "max", None):
             raise ValueError(f"Expected pooling in ('avg', 'max', None), received {pooling!r}.")
-        mask = keras.ops.ones_like(x[..., 0], dtype="bool")
-        return inputs, TokenPooling(pooling or "first", name="features")([x, mask]), backbone
-    return inputs, models.pooling_layer(pooling, len(x.shape))(x), backbone
+        pooling = text.TokenPooling(pooling or "first", name=anatomy.FEATURES)
+    inputs, features = anatomy.image_features(backbone, input_shape, preprocessing=converter,
+                                              pooling=pooling, augmentation=augmentation)
+    return inputs, features, backbone
 
 
 def _has_image_converter(preset):

@@ -16,7 +16,9 @@ Example:
 ...     "MobileNetV2", num_classes=3, input_shape=(64, 64, 3), weights=None)
 >>> model.predict(np.zeros((1, 64, 64, 3), "uint8"), verbose=0).shape
 (1, 3)
->>> tlkeras.unfreeze(model, 2, unit="blocks")  # the top two inverted-residual blocks
+>>> trainable = tlkeras.unfreeze(model, 2)  # the top two inverted-residual blocks
+>>> sorted({layer.name.split("_")[0] for layer in trainable})
+['Conv', 'block', 'out']
 """
 
 import contextlib
@@ -24,13 +26,18 @@ import os
 
 import keras
 
-from tlkeras import backbones
-from tlkeras import text
+from tlkeras import anatomy, backbones, deprecation, hub, text
 from tlkeras import weights as weights_module
-from tlkeras.layers import ImagePreprocessing, InferenceMode
-
-TASKS = ("multiclass", "binary", "multilabel", "regression")
-_HEAD_PREFIXES = ("head_", "predictions")
+from tlkeras.anatomy import (  # noqa: F401 - public here too
+    TASKS,
+    get_base,
+    get_head,
+    head_config,
+    infer_task,
+    pooling_layer,
+    split_model,
+    without_augmentation,
+)
 
 
 class WeightsDownloadError(OSError):
@@ -49,8 +56,10 @@ def build_transfer_model(
     hidden_units=(),
     kernel_regularizer=None,
     augmentation=None,
-    trainable_layers=0,
+    unfreeze=0,
+    unfreeze_unit="blocks",
     name=None,
+    trainable_layers=None,
 ):
     """Builds a frozen pretrained base plus a new head, as one `keras.Model`.
 
@@ -80,20 +89,25 @@ def build_transfer_model(
             `keras.regularizers.L1L2(l1=0.0, l2=1e-4)` or `"l2"`.
         augmentation: `None`, a preset name (see `tlkeras.data`), a layer, or
             a list of layers, applied only in training.
-        trainable_layers: unfreeze the top N layers of the base
-            (BatchNormalization stays frozen). 0 keeps the base frozen.
+        unfreeze: unfreeze the top N blocks (or layers, see `unfreeze_unit`)
+            of the base, or `"all"` (BatchNormalization stays frozen). 0 keeps
+            the base frozen.
+        unfreeze_unit: `"blocks"` (the architecture's own) or `"layers"`.
         name: model name.
+        trainable_layers: deprecated; `unfreeze=N, unfreeze_unit="layers"`.
 
     Returns:
         An uncompiled `keras.Model` taking raw RGB pixels in [0, 255].
     """
-    units, activation = _head_output(task, num_classes)
+    if trainable_layers is not None:
+        unfreeze, unfreeze_unit = deprecation.renamed(
+            "build_transfer_model", "trainable_layers", trainable_layers,
+            "unfreeze (with unfreeze_unit='layers')"), "layers"
+    units, activation = anatomy.output_units(task, num_classes)
     if isinstance(base, str) and not backbones.exists(base):
-        from tlkeras import hub
-
         inputs, features, base_layer = hub.build_features(
             base, input_shape=input_shape, weights=weights, pooling=pooling,
-            augmentation=augmentation,
+            augmentation=augmentation, load_weights=load_base_weights,
         )
     else:
         if isinstance(base, keras.layers.Layer):
@@ -110,115 +124,19 @@ def build_transfer_model(
                 "build_transfer_model: expected `base` to be a backbone name, a keras.Model, "
                 f"a hub handle or a KerasHub preset; received {type(base).__name__}."
             )
-        inputs, features = image_features(
+        inputs, features = anatomy.image_features(
             base_layer, input_shape, preprocessing=mode, pooling=pooling,
             augmentation=augmentation,
         )
-    x = features
-    for i, width in enumerate(hidden_units):
-        if dropout:
-            x = keras.layers.Dropout(dropout, name=f"head_dropout_{i}")(x)
-        x = keras.layers.Dense(width, activation="relu", kernel_regularizer=kernel_regularizer,
-                               name=f"head_dense_{i}")(x)
-    if dropout:
-        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(units, activation=activation, dtype="float32",
-                                 kernel_regularizer=kernel_regularizer, name="predictions")(x)
+    outputs = anatomy.build_head(features, units, activation, dropout=dropout,
+                                 hidden_units=hidden_units, kernel_regularizer=kernel_regularizer)
     model_class = text.TextModel if inputs.dtype == "string" else keras.Model
     model = model_class(inputs, outputs, name=name or f"{base_layer.name}_transfer")
-    freeze(model)
-    if trainable_layers:
-        unfreeze(model, trainable_layers)
+    set_trainable_depth(get_base(model), unfreeze or 0, unfreeze_unit)
     return model
 
 
-def image_features(base_layer, input_shape, *, preprocessing="none", pooling="avg", augmentation=None):
-    """The input-to-"features" part of a transfer model around `base_layer`.
-
-    Returns `(inputs, features)`: a `keras.Input` for raw pixels and the pooled
-    feature tensor (from a layer named "features"). Mid-level piece of
-    `build_transfer_model`, also used by the hub module.
-    """
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = inputs
-    if augmentation is not None:
-        x = _augmentation_layer(augmentation)(x)
-    x = ImagePreprocessing(preprocessing, name="preprocessing")(x)
-    x = InferenceMode(base_layer)(x)
-    return inputs, pooling_layer(pooling, len(x.shape))(x)
-
-
-def pooling_layer(pooling, rank):
-    """The layer named "features" that turns a base's output of `rank` into a vector."""
-    if rank == 2:
-        return keras.layers.Identity(name="features")
-    if rank != 4:
-        raise ValueError(f"Expected the base to output a 2D or 4D tensor, received rank {rank}.")
-    if pooling == "avg":
-        return keras.layers.GlobalAveragePooling2D(name="features")
-    if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D(name="features")
-    if pooling is None:
-        return keras.layers.Flatten(name="features")
-    raise ValueError(f"Expected pooling in ('avg', 'max', None), received pooling={pooling!r}.")
-
-
-def infer_task(model):
-    """The task of a built model, read from its "predictions" layer."""
-    layer = model.get_layer("predictions")
-    activation = keras.activations.serialize(layer.activation)
-    activation = activation if isinstance(activation, str) else activation.get("config", activation)
-    if activation == "softmax":
-        return "multiclass"
-    if activation == "sigmoid":
-        return "binary" if layer.units == 1 else "multilabel"
-    return "regression"
-
-
-def get_base(model):
-    """The pretrained base inside a model built by `build_transfer_model`."""
-    try:
-        features = model.get_layer("features")
-    except ValueError:
-        raise ValueError(
-            f"Model {model.name!r} has no layer named 'features': expected a model built by "
-            "tlkeras.build_transfer_model."
-        ) from None
-    base = features._inbound_nodes[0].input_tensors[0]._keras_history.operation
-    return base.layer if isinstance(base, InferenceMode) else base
-
-
-def split_model(model):
-    """Splits a transfer model into `(feature_extractor, head)`.
-
-    `feature_extractor` maps images to the "features" vector; `head` maps
-    features to predictions. Both share the layers (and weights) of `model`,
-    so training `head` trains `model`'s head.
-    """
-    features = model.get_layer("features")
-    extractor = keras.Model(model.inputs, features.output, name=f"{model.name}_features")
-    head_input = keras.Input(shape=tuple(features.output.shape[1:]), name="features")
-    # Layers of a functional model are in graph order; the head is the chain after "features".
-    x = head_input
-    for layer in model.layers[model.layers.index(features) + 1:]:
-        x = layer(x)
-    return extractor, keras.Model(head_input, x, name=f"{model.name}_head")
-
-
-def without_augmentation(model):
-    """The same model (shared layers and weights) without its "augmentation" layer.
-
-    Augmentation is a no-op at inference; dropping it keeps its random ops out of
-    exported graphs (TFLite cannot convert them). Returns `model` if it has none.
-    """
-    if "augmentation" not in [layer.name for layer in model.layers]:
-        return model
-    inputs = keras.Input(shape=tuple(model.input_shape[1:]), name=model.inputs[0].name)
-    x = inputs
-    for layer in model.layers[1:]:  # a tlkeras image model is a chain of layers
-        if layer.name != "augmentation":
-            x = layer(x)
-    return keras.Model(inputs, x, name=model.name)
+image_features = anatomy.image_features  # also public here
 
 
 def freeze(model):
@@ -226,8 +144,11 @@ def freeze(model):
     set_trainable_depth(get_base(model), 0)
 
 
-def unfreeze(model, depth="all", unit="layers"):
-    """Unfreezes the top `depth` layers or blocks of the base (`"all"`: the whole base).
+def unfreeze(model, depth="all", unit="blocks"):
+    """Unfreezes the top `depth` blocks (or layers) of the base (`"all"`: the whole base).
+
+    `unit` is `"blocks"` (the architecture's own blocks, see `base_blocks`;
+    the default) or `"layers"`.
 
     BatchNormalization layers stay frozen, and the base always runs in
     inference mode, so their statistics never change. Re-compile after
@@ -236,7 +157,7 @@ def unfreeze(model, depth="all", unit="layers"):
     return set_trainable_depth(get_base(model), depth, unit)
 
 
-def set_trainable_depth(base, depth, unit="layers"):
+def set_trainable_depth(base, depth, unit="blocks"):
     if unit not in ("layers", "blocks"):
         raise ValueError(f"Expected unit in ('layers', 'blocks'), received unit={unit!r}.")
     groups = base_blocks(base) if unit == "blocks" else [(l.name, [l]) for l in _base_layers(base)]
@@ -381,21 +302,6 @@ def _recording_get_file(replacement=None):
         file_utils.get_file = original
 
 
-def _head_output(task, num_classes):
-    if task not in TASKS:
-        raise ValueError(f"Expected task in {TASKS}, received task={task!r}.")
-    if task == "binary":
-        if num_classes not in (None, 1, 2):
-            raise ValueError(f"task='binary' has one sigmoid output; received num_classes={num_classes}.")
-        return 1, "sigmoid"
-    if task == "regression":
-        return num_classes or 1, "linear"
-    minimum = 2 if task == "multiclass" else 1
-    if not isinstance(num_classes, int) or num_classes < minimum:
-        raise ValueError(
-            f"task={task!r} needs num_classes >= {minimum}, received num_classes={num_classes!r}."
-        )
-    return num_classes, "softmax" if task == "multiclass" else "sigmoid"
 
 
 def _user_input_shape(base, input_shape):
@@ -409,19 +315,8 @@ def _user_input_shape(base, input_shape):
         ) from None
 
 
-def _augmentation_layer(augmentation):
-    if isinstance(augmentation, str):
-        from tlkeras import data
-
-        return data.augmentation_preset(augmentation, name="augmentation")
-    layers = list(augmentation) if isinstance(augmentation, (list, tuple)) else [augmentation]
-    for layer in layers:
-        if not isinstance(layer, keras.layers.Layer):
-            raise TypeError(
-                "augmentation: expected a preset name, a keras layer or a list of layers, "
-                f"received {type(layer).__name__}."
-            )
-    return keras.Sequential(layers, name="augmentation")
+_head_output = anatomy.output_units  # old private names, still used by other modules
+_augmentation_layer = anatomy.augmentation_layer
 
 
 def _base_layers(base):

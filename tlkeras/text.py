@@ -5,7 +5,8 @@ tokenizer and sequence packing (layer "preprocessing"), the backbone, and a
 pooled sentence vector (layer "features") under the usual head:
 
     text (tf.string) -> "preprocessing" (`TextPreprocessing`: tokenizer + packer)
-      -> backbone (called with training=False) -> "features" -> head -> "predictions"
+      -> backbone (in inference mode: `tlkeras.anatomy`'s rule) -> "features" -> head
+      -> "predictions"
 
 `pooling="avg"` (the default) averages the token vectors over the real
 (unpadded) tokens, as sentence-transformers models do; `"max"` takes their
@@ -27,6 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+
+from tlkeras import anatomy
 
 
 @keras.saving.register_keras_serializable(package="tlkeras")
@@ -97,11 +100,14 @@ class TextPreprocessing(keras.layers.Layer):
 
     Example:
 
-    >>> import keras_hub  # doctest: +SKIP
-    >>> layer = TextPreprocessing(
-    ...     keras_hub.models.TextClassifierPreprocessor.from_preset(dir, sequence_length=64))
-    >>> layer(["a sentence"])["token_ids"].shape  # doctest: +SKIP
-    TensorShape([1, 64])
+    >>> import keras_hub
+    >>> tokenizer = keras_hub.tokenizers.BertTokenizer(vocabulary=[
+    ...     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "sentence"])
+    >>> layer = TextPreprocessing(keras_hub.models.BertTextClassifierPreprocessor(
+    ...     tokenizer, sequence_length=8))
+    >>> import tensorflow as tf
+    >>> tuple(layer(tf.constant(["a sentence"]))["token_ids"].shape)
+    (1, 8)
     """
 
     def __init__(self, preprocessor, output_dtypes=None, **kwargs):
@@ -216,9 +222,10 @@ def text_features(backbone, preset, *, input_shape=None, pooling="avg"):
         )
         backbone = keras.Model(backbone.input, outputs[key], name=backbone.name)
     inputs = keras.Input(shape=(), dtype="string", name="text")
-    tokens = TextPreprocessing(preprocessor, name="preprocessing")(inputs)
-    x = backbone(tokens, training=False)
+    tokens = TextPreprocessing(preprocessor, name=anatomy.PREPROCESSING)(inputs)
+    x = anatomy.in_inference_mode(backbone)(tokens)
     if len(x.shape) == 2:
-        return inputs, keras.layers.Identity(name="features")(x), backbone
+        return inputs, keras.layers.Identity(name=anatomy.FEATURES)(x), backbone
     mode = pooling or "first"
-    return inputs, TokenPooling(mode, name="features")([x, tokens["padding_mask"]]), backbone
+    pooled = TokenPooling(mode, name=anatomy.FEATURES)([x, tokens["padding_mask"]])
+    return inputs, pooled, backbone

@@ -7,14 +7,20 @@ use alone: `tlkeras.extract_features` (phase 1 on cached features),
 
 Example:
 
->>> model = tlkeras.build_transfer_model("EfficientNetB0", num_classes=5)
->>> result = tlkeras.fine_tune(model, train_ds, val_ds, log_dir="runs/flowers")
->>> result.history["val_accuracy"][-1]
+>>> import keras, numpy as np, tlkeras
+>>> x = np.random.default_rng(0).uniform(0, 255, (32, 16, 16, 3)).astype("float32")
+>>> train = tlkeras.data.from_arrays(x, np.arange(32) % 2, batch_size=8, seed=0)
+>>> base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3)], name="tiny")
+>>> model = tlkeras.build_transfer_model(base, num_classes=2)
+>>> result = tlkeras.fine_tune(model, train, head_epochs=2, fine_tune_epochs=1,
+...                            run_dir="runs/tiny", verbose=0)
+>>> len(result.history["loss"]), sorted(result.paths)[:2]
+(3, ['checkpoints', 'config.json'])
 
-A run folder (`log_dir`) holds `config.json` (every argument), `history.csv`
+A run folder (`run_dir`) holds `config.json` (every argument), `history.csv`
 (both phases on one epoch axis), `checkpoints/best.weights.h5`,
 `model.keras` and TensorBoard logs under `logs/`. Started again with the same
-`log_dir`, a killed run resumes where it stopped, in either phase.
+`run_dir`, a killed run resumes where it stopped, in either phase.
 """
 
 import csv
@@ -28,7 +34,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import models
+from tlkeras import anatomy, augmentation, data, deprecation, features, models, phases
+from tlkeras import callbacks as tb
+from tlkeras.phases import (  # noqa: F401 - public here too
+    _SparseSmoothedCrossentropy,
+    loss_and_metrics,
+    make_optimizer,
+)
 
 logger = logging.getLogger("tlkeras")
 
@@ -50,6 +62,11 @@ class FineTuneResult:
     used_feature_cache: bool = False
 
     @property
+    def run_dir(self):
+        """The run folder (also `log_dir`, its old name)."""
+        return self.log_dir
+
+    @property
     def epochs(self):
         return self.head_epochs + self.fine_tune_epochs
 
@@ -63,14 +80,14 @@ def fine_tune(
     fine_tune_epochs=5,
     unfreeze="all",
     unfreeze_unit="blocks",
-    learning_rate=1e-3,
+    head_learning_rate=1e-3,
     fine_tune_learning_rate=None,
     optimizer="adam",
     warmup_epochs=1,
     label_smoothing=0.0,
     class_weight=None,
     metrics=None,
-    log_dir=None,
+    run_dir=None,
     precision="auto",
     strategy=None,
     jit_compile=False,
@@ -80,11 +97,14 @@ def fine_tune(
     class_names=None,
     seed=None,
     verbose=1,
+    learning_rate=None,
+    log_dir=None,
 ):
     """Trains a `build_transfer_model` model in two phases; returns a `FineTuneResult`.
 
-    Phase 1 trains the head with the base frozen, at `learning_rate`. With
-    no augmentation (none in the model, none recorded on `train_data`), it
+    Phase 1 trains the head with the base frozen, at `head_learning_rate`. With
+    no augmentation (none in the model, no random ops in `train_data`'s pipeline:
+    `tlkeras.augmentation.is_augmented`), it
     runs the base once and trains the head on cached features, so its epochs
     cost almost nothing. Phase 2 unfreezes the top `unfreeze` blocks (or
     layers, or `"all"`) and trains at `fine_tune_learning_rate` with a linear
@@ -100,17 +120,18 @@ def fine_tune(
         unfreeze: depth for phase 2, an int or `"all"` (default: the whole
             base, which with a low learning rate is the Keras guide's recipe).
         unfreeze_unit: `"blocks"` (the architecture's own blocks) or `"layers"`.
-        learning_rate: phase 1 learning rate (default 1e-3, Adam's usual).
+        head_learning_rate: phase 1 learning rate (default 1e-3, Adam's usual).
         fine_tune_learning_rate: phase 2 peak learning rate; default
-            `learning_rate / 20`, within the 10-100x lower range that
+            `head_learning_rate / 20`, within the 10-100x lower range that
             fine-tuning needs.
         optimizer: `"adam"`, `"adamw"`, `"sgd"` (momentum 0.9), `"rmsprop"`, or
             a callable `learning_rate -> keras.optimizers.Optimizer`.
-        warmup_epochs: phase 2 warm-up length.
+        warmup_epochs: phase 2 warm-up length (at most a tenth of the phase; see
+            `tlkeras.phases.fine_tune_schedule`).
         label_smoothing: for multiclass and binary cross-entropy.
         class_weight: dict, or `"balanced"` (computed from `train_data`).
         metrics: defaults by task (accuracy for classification, MAE for regression).
-        log_dir: the run folder; `None` writes nothing and cannot resume.
+        run_dir: the run folder; `None` writes nothing and cannot resume.
         precision: `"auto"` (mixed_float16 on NVIDIA GPUs of compute capability
             7.0+, float32 otherwise), `"float32"`, `"mixed_float16"`,
             `"mixed_bfloat16"`. The output stays float32; the global policy is
@@ -127,7 +148,14 @@ def fine_tune(
             `train_data.class_names`.
         seed: makes weight init of new variables and shuffling repeatable.
         verbose: Keras `fit` verbosity.
+        learning_rate, log_dir: deprecated names of `head_learning_rate`, `run_dir`.
     """
+    if learning_rate is not None:
+        head_learning_rate = deprecation.renamed("fine_tune", "learning_rate", learning_rate,
+                                                 "head_learning_rate")
+    if log_dir is not None:
+        run_dir = deprecation.renamed("fine_tune", "log_dir", log_dir, "run_dir")
+    learning_rate, log_dir = head_learning_rate, run_dir
     if seed is not None:
         keras.utils.set_random_seed(seed)
     if precision not in PRECISIONS:
@@ -136,11 +164,9 @@ def fine_tune(
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"Expected {argument} to be an int >= 0, received {argument}={value!r}.")
     fine_tune_learning_rate = fine_tune_learning_rate or learning_rate / 20
-    task = models.infer_task(model)
+    task = anatomy.infer_task(model)
     class_names = class_names or getattr(train_data, "class_names", None)
     if isinstance(class_weight, str):
-        from tlkeras import data
-
         class_weight = data.class_weights(train_data, class_weight)
     config = {
         "base": models.get_base(model).name,
@@ -221,54 +247,6 @@ def resolve_strategy(strategy=None):
     )
 
 
-def make_optimizer(optimizer, learning_rate):
-    """An optimizer by name (`"adam"`, `"adamw"`, `"sgd"`, `"rmsprop"`) or from a callable."""
-    if callable(optimizer) and not isinstance(optimizer, str):
-        return optimizer(learning_rate)
-    makers = {
-        "adam": lambda: keras.optimizers.Adam(learning_rate),
-        "adamw": lambda: keras.optimizers.AdamW(learning_rate),
-        "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9),
-        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate),
-    }
-    if optimizer not in makers:
-        raise ValueError(f"Expected optimizer in {sorted(makers)} or a callable, received {optimizer!r}.")
-    return makers[optimizer]()
-
-
-def loss_and_metrics(task, label_smoothing=0.0, metrics=None):
-    """The loss and default metrics for a task."""
-    if task == "multiclass":
-        if label_smoothing:
-            loss = _SparseSmoothedCrossentropy(label_smoothing)
-        else:
-            loss = keras.losses.SparseCategoricalCrossentropy()
-        default = ["accuracy"]
-    elif task in ("binary", "multilabel"):
-        loss = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
-        default = ["binary_accuracy"] if task == "binary" else [keras.metrics.AUC(multi_label=True, name="auc")]
-    else:
-        loss, default = keras.losses.MeanSquaredError(), ["mae"]
-    return loss, list(metrics) if metrics is not None else default
-
-
-@keras.saving.register_keras_serializable(package="tlkeras")
-class _SparseSmoothedCrossentropy(keras.losses.Loss):
-    """Categorical cross-entropy with label smoothing, on integer labels."""
-
-    def __init__(self, label_smoothing=0.1, name="sparse_smoothed_crossentropy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = label_smoothing
-
-    def call(self, y_true, y_pred):
-        depth = keras.ops.shape(y_pred)[-1]
-        y_true = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), depth)
-        return keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=self.label_smoothing)
-
-    def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
-
-
 def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weight, metrics, jit,
             cache_features, patience, extra, class_names, verbose, task):
     if epochs == 0 or run.phase1_done:
@@ -282,22 +260,23 @@ def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weig
     if cache_features is True and distributed:
         raise ValueError("cache_features=True is not supported with a distribution strategy; use 'auto'.")
     use_cache = bool(cache_features) and not augmented and not distributed
-    loss, metric_list = loss_and_metrics(task, smoothing, metrics)
     fit_model, fit_train, fit_val = model, train, val
     if use_cache:
-        from tlkeras import features
-
         cache_dir = run.sub("feature_cache")
         fit_train = features.features_dataset(
             features.extract_features(model, train, cache_dir=cache_dir, key="train", verbose=verbose),
-            batch_size=_batch_size(train), shuffle=True)
+            batch_size=phases.batch_size(train), shuffle=True)
         if val is not None:
             fit_val = features.features_dataset(
                 features.extract_features(model, val, cache_dir=cache_dir, key="validation", verbose=verbose),
-                batch_size=_batch_size(val), shuffle=False)
-        _, fit_model = models.split_model(model)
-    fit_model.compile(optimizer=make_optimizer(optimizer, lr), loss=loss, metrics=metric_list, jit_compile=jit,
-                      steps_per_execution=32 if use_cache else 1)
+                batch_size=phases.batch_size(val), shuffle=False)
+        _, fit_model = anatomy.split_model(model)
+    # Many tiny head steps per call on cached features, but never more than an epoch holds (the
+    # progress bar counts executions against the epoch's steps).
+    per_call = min(32, phases.steps_per_epoch(fit_train)) if use_cache else 1
+    phases.compile_for_task(fit_model, task, optimizer=optimizer, learning_rate=lr,
+                            label_smoothing=smoothing, metrics=metrics, jit_compile=jit,
+                            steps_per_execution=per_call)
     strategy = tf.distribute.get_strategy()
     if _multi_worker(strategy):
         _support_multi_worker_fit(fit_model, strategy, fit_train)
@@ -313,15 +292,10 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
     if epochs == 0:
         return
     models.unfreeze(model, depth, unit)
-    steps = _steps_per_epoch(train)
-    total = steps * epochs
-    warmup_steps = min(int(warmup * steps), max(total - 1, 0))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=lr / 100 if warmup_steps else lr,
-        decay_steps=max(total - warmup_steps, 1), alpha=0.01,
-        warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)
-    loss, metric_list = loss_and_metrics(task, smoothing, metrics)
-    model.compile(optimizer=make_optimizer(optimizer, schedule), loss=loss, metrics=metric_list, jit_compile=jit)
+    steps = phases.steps_per_epoch(train)
+    schedule = phases.fine_tune_schedule(lr, steps, epochs, warmup_epochs=warmup)
+    phases.compile_for_task(model, task, optimizer=optimizer, learning_rate=schedule,
+                            label_smoothing=smoothing, metrics=metrics, jit_compile=jit)
     strategy = tf.distribute.get_strategy()
     if _multi_worker(strategy):
         _support_multi_worker_fit(model, strategy, train)
@@ -387,8 +361,6 @@ class _RunFolder:
         if self.path:
             cbs.append(_BestCheckpoint(self, model, monitor))
             cbs.append(_ResumableBackup(os.path.join(self.sub("backup"), phase), initial_epoch, steps))
-            from tlkeras import callbacks as tb
-
             hparams = {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool))}
             images = len(model.inputs[0].shape) == 4  # no image grids for text models
             tb_callbacks = tb.tensorboard_callbacks(
@@ -554,7 +526,8 @@ def _prepare(model, policy, strategy):
 def _set_policy(config, policy):
     """Sets every float32 layer dtype in a model config to `policy`, except the float32 ends."""
     if isinstance(config, dict):
-        if config.get("name") not in ("preprocessing", "predictions") and isinstance(config.get("dtype"), dict):
+        if (config.get("name") not in anatomy.FLOAT32_LAYERS
+                and isinstance(config.get("dtype"), dict)):
             dtype = config["dtype"]
             if dtype.get("class_name") == "DTypePolicy" and dtype["config"].get("name") == "float32":
                 dtype["config"]["name"] = policy
@@ -574,22 +547,11 @@ def _copy_trainable(source, target):
         b.trainable = a.trainable
 
 
-def _has_augmentation(model, data):
-    in_model = any(layer.name == "augmentation" for layer in model.layers)
-    return in_model or getattr(data, "augmentation", None) is not None
+_has_augmentation = augmentation.is_augmented  # the model's layer, or random ops in the data
 
 
-def _batch_size(dataset):
-    for x, *_ in dataset.take(1):
-        return int(tf.shape(x)[0])
-    raise ValueError("The training data is empty.")
-
-
-def _steps_per_epoch(dataset):
-    n = int(dataset.cardinality())
-    if n >= 0:
-        return n
-    return sum(1 for _ in dataset)
+_batch_size = phases.batch_size  # old private names
+_steps_per_epoch = phases.steps_per_epoch
 
 
 def _is_chief():

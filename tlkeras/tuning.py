@@ -15,41 +15,49 @@ little more than its trials' fine-tuning:
 - Every trial builds a fresh copy of the model, loads that head and runs
   phase 2 only: unfreeze its depth (in the architecture's blocks, see
   `tlkeras.models.base_blocks`), fine-tune at its learning rate (linear
-  warm-up over the first tenth of the steps, then cosine decay).
+  warm-up, then cosine decay: `tlkeras.phases.fine_tune_schedule`, as in
+  `fine_tune`).
   Hyperband's epoch budget is the number of fine-tune epochs; a Hyperband
   trial that continues an earlier one starts from that trial's checkpoint.
 
 Example:
 
->>> result = tlkeras.tune("EfficientNetB0", train_ds, val_ds, num_classes=5,
-...                       tuner="bayesian", max_trials=12, max_epochs=4,
-...                       directory="tuning", project_name="flowers",
-...                       export_dir="export/flowers")
->>> result.best_hyperparameters
-{'unfreeze_depth': 3, 'learning_rate': 0.00021, 'dropout': 0.2}
->>> result.best_model.predict(images)
+>>> import keras, numpy as np, tensorflow as tf, tlkeras
+>>> images = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 3)).astype("float32")
+>>> train_ds = tf.data.Dataset.from_tensor_slices((images, np.arange(16) % 2)).batch(8)
+>>> base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv")])
+>>> result = tlkeras.tune(base, train_ds, train_ds, num_classes=2, tuner="random",
+...                       max_trials=1, max_epochs=1, head_epochs=1, run_dir="tuning/tiny",
+...                       verbose=0)
+>>> sorted(result.best_hyperparameters)
+['dropout', 'fine_tune_learning_rate', 'unfreeze']
+>>> result.best_model.predict(images, verbose=0).shape
+(16, 2)
 
-Search space: by default `unfreeze_depth` (a choice over the base's block
-boundaries, 0 = head only ... every block), `learning_rate` (phase 2 peak,
+Search space: by default `unfreeze` (a choice over the base's block
+boundaries, 0 = head only ... every block), `fine_tune_learning_rate` (phase 2 peak,
 1e-5 to 1e-3, log scale) and `dropout` (0 to 0.5). Narrow or extend it with a
 dict; each value is a list (a choice), a constant, or a callable `hp -> value`
 using any Keras Tuner hyperparameter; the keys are `SEARCH_SPACE_KEYS`:
 
->>> tlkeras.tune(..., search_space={
-...     "unfreeze_depth": [0, 2, 4],
-...     "learning_rate": lambda hp: hp.Float("learning_rate", 1e-5, 1e-4, sampling="log"),
+>>> space = {
+...     "unfreeze": [0, 2, 4],
+...     "fine_tune_learning_rate": lambda hp: hp.Float(
+...         "fine_tune_learning_rate", 1e-5, 1e-4, sampling="log"),
 ...     "dropout": 0.3,                 # fixed
 ...     "head_units": [0, 128, 256],    # one phase-1 head per width
-...     "optimizer": ["adam", "sgd"]})
+...     "optimizer": ["adam", "sgd"]}
+>>> sorted(space) == sorted(set(SEARCH_SPACE_KEYS) - {"label_smoothing"})
+True
 
 or pass a callable `hp -> dict` that declares the whole space itself.
 
-Directory (`<directory>/<project_name>/`): Keras Tuner's own files (
+Run folder (`run_dir`): Keras Tuner's own files (
 `oracle.json`, `trial_<id>/trial.json` and `checkpoint.weights.h5`),
 `features/` (the cached base features), `phase1/` (the trained heads),
 `logs/trial_<id>/` (TensorBoard: loss and metric curves, and the trial's
 hyperparameters for the HParams dashboard: `tensorboard --logdir
-<directory>/<project_name>/logs`), `trials.csv` and
+<run_dir>/logs`), `trials.csv` and
 `best_hyperparameters.json`.
 
 Resuming: run the same call again with `overwrite=False` (the default) after an
@@ -76,6 +84,7 @@ import copy
 import csv
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -86,7 +95,10 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
-from tlkeras import features, models, training
+from tlkeras import anatomy, deprecation, features, models, phases
+from tlkeras import augmentation as augmentation_module  # `augmentation` is an argument
+from tlkeras import callbacks as tb
+from tlkeras.export import export_model
 
 logger = logging.getLogger("tlkeras")
 
@@ -96,7 +108,7 @@ TUNERS = {
     "random": kt.RandomSearch,
     "grid": kt.GridSearch,
 }
-SEARCH_SPACE_KEYS = ("unfreeze_depth", "learning_rate", "dropout", "head_units", "optimizer",
+SEARCH_SPACE_KEYS = ("unfreeze", "fine_tune_learning_rate", "dropout", "head_units", "optimizer",
                      "label_smoothing")
 
 
@@ -105,14 +117,14 @@ class TuneResult:
     """What `tune` found.
 
     Attributes:
-        best_hyperparameters: the best trial's values (`unfreeze_depth`, ...).
+        best_hyperparameters: the best trial's values (`unfreeze`, ...).
         best_score: its objective value.
         best_model: the best trial's model, restored at its best epoch (None
             on a distributed-search worker).
         trials: one dict per trial: `trial_id`, `status`, the
             hyperparameters, the objective, `epochs` and `seconds`.
         csv_path: the same table as CSV.
-        directory: the search's folder, `<directory>/<project_name>`.
+        directory: the search's folder, `run_dir` (also as `.run_dir`).
         tuner: the `keras_tuner.Tuner`.
         export: the `tlkeras.export_model` result when `export_dir` was given.
     """
@@ -125,6 +137,10 @@ class TuneResult:
     directory: str
     tuner: kt.Tuner
     export: object = None
+
+    @property
+    def run_dir(self):
+        return self.directory
 
 
 def tune(
@@ -142,8 +158,7 @@ def tune(
     max_trials=10,
     max_epochs=3,
     objective="val_accuracy",
-    directory="tuning",
-    project_name="tlkeras",
+    run_dir=os.path.join("tuning", "tlkeras"),
     overwrite=False,
     head_epochs=5,
     head_learning_rate=1e-3,
@@ -152,6 +167,8 @@ def tune(
     export_formats=("keras",),
     seed=None,
     verbose=1,
+    directory=None,
+    project_name=None,
     **tuner_kwargs,
 ):
     """Searches unfreeze depth, learning rate, dropout (...) of a transfer model.
@@ -172,8 +189,7 @@ def tune(
             schedule; `None` lets it run its full schedule).
         max_epochs: fine-tune epochs per trial (Hyperband: its `max_epochs`).
         objective: the metric to optimize, e.g. `"val_accuracy"`, `"val_loss"`.
-        directory, project_name: the search's folder is
-            `directory/project_name`.
+        run_dir: the search's folder (Keras Tuner's files, features, heads, logs).
         overwrite: start afresh instead of resuming a search found there.
         head_epochs, head_learning_rate: phase 1 (Adam on the cached features).
         callbacks: more Keras callbacks for every trial's phase 2.
@@ -182,6 +198,8 @@ def tune(
         seed: makes the search repeatable: seeds the tuner (with `seed + 1`: Keras
             Tuner takes 0 for no seed), the head's initial weights and shuffling.
         verbose: 0 silent, 1 Keras Tuner's and Keras' progress output.
+        directory, project_name: deprecated (Keras Tuner's names): the folder
+            `directory/project_name` is `run_dir`.
         **tuner_kwargs: more arguments of the Keras Tuner class, e.g.
             `factor=3` (Hyperband) or `num_initial_points=4` (Bayesian).
 
@@ -196,9 +214,15 @@ def tune(
         if not hasattr(data, "element_spec"):
             raise TypeError(f"tune: expected {name} to be a tf.data.Dataset of (images, labels) "
                             f"batches, received {type(data).__name__}.")
-    if getattr(train_data, "augmentation", None) is not None:
+    if augmentation_module.pipeline_is_random(train_data):
         raise ValueError("tune: train_data is augmented, but phase 1 computes the base's features "
                          "once; augment in the model instead (tune(..., augmentation=...)).")
+    if directory is not None or project_name is not None:
+        old = "directory" if directory is not None else "project_name"
+        deprecation.renamed("tune", old, None, "run_dir")
+        run_dir = os.path.join(os.fspath(directory or "tuning"), project_name or "tlkeras")
+    run_dir = os.path.abspath(os.fspath(run_dir))
+    directory, project_name = os.path.dirname(run_dir), os.path.basename(run_dir)
     worker = _is_distributed_worker()
     reference = _reference_model(base_or_model, train_data, num_classes, task, input_shape,
                                  weights, augmentation)
@@ -245,17 +269,17 @@ class TransferHyperModel(kt.HyperModel):
         self.head_learning_rate = head_learning_rate
         self.seed = seed
         self.search_space = search_space
-        self.task = models.infer_task(reference)
-        predictions = reference.get_layer("predictions")
-        self._units, self._activation = predictions.units, predictions.activation
+        self.task = anatomy.infer_task(reference)
+        self._head = anatomy.head_config(reference)  # trials keep it, but for the space's changes
         self._class, self._config = reference.__class__, reference.get_config()
         self._weights = reference.get_weights()
         blocks = models.base_blocks(models.get_base(reference))
         # Depths where one more block brings weights that train (BatchNormalization never does).
         n = len(blocks)
         self.depths = [0] + [d for d in range(1, n + 1) if _trains(blocks[n - d][1])]
-        hidden = [layer.units for layer in reference.layers if layer.name.startswith("head_dense_")]
-        self.defaults = {"unfreeze_depth": self.depths[-1], "learning_rate": 1e-4, "dropout": 0.2,
+        hidden = self._head["hidden_units"]
+        self.defaults = {"unfreeze": self.depths[-1], "fine_tune_learning_rate": 1e-4,
+                         "dropout": self._head["dropout"],
                          "head_units": hidden[0] if hidden else 0, "optimizer": "adam",
                          "label_smoothing": 0.0}
         self._features = None
@@ -271,14 +295,16 @@ class TransferHyperModel(kt.HyperModel):
             if not isinstance(chosen, dict):
                 raise kt.errors.FatalTypeError("search_space: the callable must return a dict, "
                                                f"returned {type(chosen).__name__}.")
+            chosen = _new_keys(chosen)
         else:
             space = {
-                "unfreeze_depth": self.depths,
-                "learning_rate": lambda hp: hp.Float("learning_rate", 1e-5, 1e-3, sampling="log",
+                "unfreeze": self.depths,
+                "fine_tune_learning_rate": lambda hp: hp.Float(
+                    "fine_tune_learning_rate", 1e-5, 1e-3, sampling="log",
                                                      default=1e-4),
                 "dropout": lambda hp: hp.Choice("dropout", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                                                 default=0.2),
-                **(space or {}),
+                **_new_keys(space or {}),
             }
             chosen = {}
             for key, spec in space.items():
@@ -294,11 +320,11 @@ class TransferHyperModel(kt.HyperModel):
             raise kt.errors.FatalValueError(
                 f"search_space: unknown keys {unknown}; expected keys from {SEARCH_SPACE_KEYS}.")
         values = {**self.defaults, **chosen}
-        depths = space.get("unfreeze_depth") if isinstance(space, dict) else None
-        for depth in depths if isinstance(depths, (list, tuple)) else [values["unfreeze_depth"]]:
+        depths = space.get("unfreeze") if isinstance(space, dict) else None
+        for depth in depths if isinstance(depths, (list, tuple)) else [values["unfreeze"]]:
             if depth != "all" and depth not in range(self.depths[-1] + 1):
                 raise kt.errors.FatalValueError(
-                    f"search_space: unfreeze_depth={depth!r} is not a depth of this base (0 to "
+                    f"search_space: unfreeze={depth!r} is not a depth of this base (0 to "
                     f"{self.depths[-1]} blocks, or 'all').")
         return values
 
@@ -314,26 +340,20 @@ class TransferHyperModel(kt.HyperModel):
             keras.utils.set_random_seed(self.seed)
         if "tuner/trial_id" not in hp.values:  # else Hyperband loaded the earlier trial's weights
             self._load_head(model, values["head_units"], x, validation_data, verbose)
-        models.unfreeze(model, values["unfreeze_depth"], unit="blocks")
+        models.unfreeze(model, values["unfreeze"], unit="blocks")
         if self._steps is None:
-            self._steps = training._steps_per_epoch(x)
-        total = self._steps * epochs
-        warmup = total // 10
-        lr = values["learning_rate"]
-        schedule = keras.optimizers.schedules.CosineDecay(
-            lr / 100 if warmup else lr, decay_steps=max(total - warmup, 1), alpha=0.01,
-            warmup_target=lr if warmup else None, warmup_steps=warmup)
-        optimizer = training.make_optimizer(values["optimizer"], schedule)
-        loss, metrics = training.loss_and_metrics(self.task, values["label_smoothing"])
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+            self._steps = phases.steps_per_epoch(x)
+        schedule = phases.fine_tune_schedule(values["fine_tune_learning_rate"], self._steps,
+                                              epochs)
+        optimizer = phases.compile_for_task(model, self.task, optimizer=values["optimizer"],
+                                            learning_rate=schedule,
+                                            label_smoothing=values["label_smoothing"])
         if initial_epoch:  # a Hyperband continuation: resume the schedule where it would be
             optimizer.build(model.trainable_variables)
             optimizer.iterations.assign(initial_epoch * self._steps)
         callbacks = list(callbacks or [])
         trial_id = next((cb.trial.trial_id for cb in callbacks if hasattr(cb, "trial")), None)
         if trial_id is not None:
-            from tlkeras import callbacks as tb
-
             log_dir = os.path.join(self.project_dir, "logs", f"trial_{trial_id}")
             hparams = {k: v for k, v in hp.values.items()
                        if k not in ("tuner/bracket", "tuner/round")}
@@ -349,36 +369,35 @@ class TransferHyperModel(kt.HyperModel):
         return history
 
     def _model(self, head_units, dropout):
-        """A fresh copy of the reference's image -> features part, with a new head."""
+        """A fresh copy of the reference model with the trial's head.
+
+        The head is the reference's (`tlkeras.anatomy.head_config`: hidden layers, regularizer)
+        but for the trial's dropout and `head_units`, the width of its first hidden layer (0: no
+        hidden layer).
+        """
         full = self._class.from_config(copy.deepcopy(self._config))  # from_config consumes it
         full.set_weights(self._weights)
-        x = full.get_layer("features").output
-        if head_units:
-            if dropout:
-                x = keras.layers.Dropout(dropout, name="head_dropout_0")(x)
-            x = keras.layers.Dense(head_units, activation="relu", name="head_dense_0")(x)
-        if dropout:
-            x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-        outputs = keras.layers.Dense(self._units, activation=self._activation, dtype="float32",
-                                     name="predictions")(x)
-        model = keras.Model(full.inputs, outputs, name=full.name)
+        hidden = self._head["hidden_units"]
+        hidden = (head_units, *hidden[1:]) if head_units else ()
+        model = anatomy.rebuild_head(full, dropout=dropout, hidden_units=hidden)
         models.freeze(model)
         return model
 
     def _load_head(self, model, head_units, train, val, verbose):
         """Phase 1: load the trained head of this shape, training it first if needed."""
         dropout = self.values(kt.HyperParameters())["dropout"]  # the space's default
+        head = {k: v for k, v in self._head.items() if k != "kernel_regularizer"}
+        head["kernel_regularizer"] = keras.regularizers.serialize(self._head["kernel_regularizer"])
+        digest = hashlib.sha1(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()
         name = (f"head_units-{head_units}_dropout-{dropout}_epochs-{self.head_epochs}"
-                f"_lr-{self.head_learning_rate}_seed-{self.seed}.npz")
+                f"_lr-{self.head_learning_rate}_seed-{self.seed}_head-{digest[:8]}.npz")
         path = os.path.join(self.project_dir, "phase1", name)
         if not os.path.exists(path):
             phase1 = self._model(head_units, dropout)
             train_features, val_features = self._cached_features(phase1, train, val, verbose)
-            _, head = models.split_model(phase1)
-            loss, metrics = training.loss_and_metrics(self.task)
-            head.compile(optimizer=keras.optimizers.Adam(self.head_learning_rate), loss=loss,
-                         metrics=metrics)
-            batch_size = training._batch_size(train)
+            _, head = anatomy.split_model(phase1)
+            phases.compile_for_task(head, self.task, learning_rate=self.head_learning_rate)
+            batch_size = phases.batch_size(train)
             head.fit(
                 features.features_dataset(train_features, batch_size=batch_size, seed=self.seed),
                 validation_data=features.features_dataset(val_features, batch_size=batch_size,
@@ -462,8 +481,8 @@ def _result(search, project_dir, worker, train, val, export_dir, export_formats,
                            "trial_*/trial.json for their errors (verbose=1 shows them as they "
                            "happen).")
     best = (max if objective.direction == "max" else min)(done, key=lambda t: t.score)
-    best_values = {k: v for k, v in best.hyperparameters.values.items()
-                   if not k.startswith("tuner/")}
+    best_values = _Hyperparameters({k: v for k, v in best.hyperparameters.values.items()
+                                    if not k.startswith("tuner/")})
     result = TuneResult(best_values, best.score, None, rows, csv_path, project_dir, search)
     if worker:
         return result
@@ -472,8 +491,6 @@ def _result(search, project_dir, worker, train, val, export_dir, export_formats,
                   indent=2, default=str)
     result.best_model = search.load_model(best)
     if export_dir is not None:
-        from tlkeras.export import export_model
-
         result.export = export_model(result.best_model, export_dir, formats=export_formats,
                                      class_names=getattr(train, "class_names", None),
                                      representative_data=val)
@@ -481,10 +498,8 @@ def _result(search, project_dir, worker, train, val, export_dir, export_formats,
 
 
 def _reference_model(base_or_model, train, num_classes, task, input_shape, weights, augmentation):
-    if isinstance(base_or_model, keras.Model):
-        names = {layer.name for layer in base_or_model.layers}
-        if {"features", "predictions"} <= names:
-            return base_or_model
+    if anatomy.is_transfer_model(base_or_model):
+        return base_or_model
     if input_shape is None:
         spec = train.element_spec
         shape = (spec[0] if isinstance(spec, tuple) else spec).shape
@@ -497,14 +512,35 @@ def _reference_model(base_or_model, train, num_classes, task, input_shape, weigh
                                        augmentation=augmentation)
 
 
+def _new_keys(space):
+    """`space` with its keys in today's vocabulary (old keys warn; see `tlkeras.deprecation`)."""
+    out = {}
+    for key, value in space.items():
+        new = deprecation.RENAMED_HYPERPARAMETERS.get(key)
+        if new is not None:
+            key = deprecation.renamed("tune: search_space", repr(key), new, repr(new),
+                                      stacklevel=5)
+        out[key] = value
+    return out
+
+
+class _Hyperparameters(dict):
+    """`best_hyperparameters`: a dict that still answers to the old key names (with a warning)."""
+
+    def __missing__(self, key):
+        new = deprecation.RENAMED_HYPERPARAMETERS.get(key)
+        if new is None or new not in self:
+            raise KeyError(key)
+        return self[deprecation.renamed("TuneResult.best_hyperparameters", repr(key), new,
+                                        repr(new))]
+
+
 def _trains(layers):
     return any(layer.weights for layer in layers
                if not isinstance(layer, keras.layers.BatchNormalization))
 
 
-def _head_layers(model):
-    names = [layer.name for layer in model.layers]
-    return model.layers[names.index("features") + 1:]
+_head_layers = anatomy.get_head
 
 
 def _is_distributed_worker():
