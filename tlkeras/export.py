@@ -94,7 +94,11 @@ def _whole(export):
                 for name in os.listdir(target):
                     if name not in _OUTPUTS and not name.startswith("."):
                         _link_copy(os.path.join(target, name), os.path.join(tmp, name))
-            result = export(model, tmp, *args, **kwargs)
+            try:
+                result = export(model, tmp, *args, **kwargs)
+            except ExportError as error:  # name the folder the user asked for, not the temporary
+                kept = " The previous export there is kept." if os.path.isdir(target) else ""
+                raise type(error)(str(error).replace(tmp, target) + kept) from error
         result.directory = str(directory)
         result.paths = {k: os.path.join(str(directory), os.path.relpath(v, tmp))
                         for k, v in result.paths.items()}

@@ -137,6 +137,8 @@ def fine_tune(
             raise ValueError(f"Expected {argument} to be an int >= 0, received {argument}={value!r}.")
     validation.check_positive(learning_rate=learning_rate,
                               fine_tune_learning_rate=fine_tune_learning_rate)
+    if isinstance(optimizer, str):
+        make_optimizer(optimizer, learning_rate)  # an unknown name fails before anything runs
     train_data = validation.check_model_data(model, train_data, name="train_data")
     if validation_data is not None:
         validation_data = validation.check_model_data(model, validation_data,
