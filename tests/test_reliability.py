@@ -351,6 +351,8 @@ def test_evaluate_matches_classes_by_name_and_never_overwrites_a_report(trained,
     with pytest.raises(FileExistsError, match="report.json exists .* overwrite=True"):
         tlkeras.evaluate(model, data, CLASSES, output_dir=tmp_path)
     tlkeras.evaluate(model, data, CLASSES, output_dir=tmp_path, overwrite=True)
+    with pytest.raises(ValueError, match=r"data: the model .* takes images of shape \(16, 16, 3\)"):
+        tlkeras.evaluate(model, (x[:, :8, :8], y), CLASSES)
     unknown = tlkeras.data.from_arrays(x, y, class_names=["a", "zebra"])
     with pytest.raises(ValueError, match=r"classes \['zebra'\] are not among the model's"):
         tlkeras.evaluate(model, unknown, CLASSES)

@@ -100,6 +100,7 @@ def evaluate(
     task = _task(model, task)
     if output_dir is not None and not overwrite:
         atomic.refuse_overwrite(os.path.join(output_dir, "report.json"))
+    validation.check_model_data(model, data, task=task, name="data", labeled=False)
     y_true, y_prob = collect_predictions(model, data)
     n = len(y_true)
     if n == 0:

@@ -85,7 +85,7 @@ def check_model_data(model, data, *, task=None, name="train_data", labeled=True)
 def _as_dataset(data, name, labeled):
     if isinstance(data, tf.data.Dataset):
         return data
-    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and labeled:
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
         arrays = [np.asarray(a) for a in data]
         if len({len(a) for a in arrays}) != 1:
             raise ValueError(f"{name}: x and y must have the same number of samples, received "
