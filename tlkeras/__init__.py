@@ -73,3 +73,4 @@ from tlkeras.unlabeled import (  # noqa: E402,F401
     pretrain,
     similar,
 )
+from tlkeras import atomic, runs, validation  # noqa: E402,F401

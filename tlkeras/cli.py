@@ -692,15 +692,17 @@ def cmd_train(args):
     if args.momentum is not None:
         kind = keras.optimizers.SGD if args.optimizer == "sgd" else keras.optimizers.RMSprop
         optimizer = lambda lr: kind(lr, momentum=args.momentum)  # noqa: E731
-    os.makedirs(run_dir, exist_ok=True)
+    from tlkeras import atomic, runs
+
+    runs.RunLock(run_dir).acquire()  # released when the process exits; before anything is written
+    runs.check_resume(run_dir, {"base": tlkeras.get_base(model).name,
+                                "input_shape": [size, size, 3], "class_names": class_names})
     resolved = {
         k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "debug")
     }
     resolved["run_dir"] = run_dir
-    with open(os.path.join(run_dir, "cli_config.json"), "w") as f:
-        json.dump(resolved, f, indent=2)
-    with open(os.path.join(run_dir, "labels.txt"), "w") as f:
-        f.write("\n".join(class_names) + "\n")
+    atomic.write_json(os.path.join(run_dir, "cli_config.json"), resolved, default=None)
+    atomic.write_text(os.path.join(run_dir, "labels.txt"), "\n".join(class_names) + "\n")
     shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
     count = len(train.file_paths) if hasattr(train, "file_paths") else "?"
     print(f"Training on {count} images of {len(class_names)} classes ({shown}); "
@@ -732,7 +734,7 @@ def cmd_train(args):
         if val is not None:
             report = tlkeras.evaluate(result.model, val, class_names,
                                       output_dir=os.path.join(run_dir, "evaluation"),
-                                      history=os.path.join(run_dir, "history.csv"))
+                                      history=os.path.join(run_dir, "history.csv"), overwrite=True)
             accuracy = report.metrics["accuracy"]
             print(f"Validation accuracy {accuracy:.4f} on {report.num_samples} images; "
                   f"report in {os.path.join(run_dir, 'evaluation')}")
@@ -825,19 +827,8 @@ def cmd_evaluate(args):
     from tlkeras.continual import load_class_steps
 
     steps = load_class_steps(os.path.dirname(os.path.abspath(_model_path(args.model))))
-    if steps and args.image_dir and data.class_names is not None and \
-            sorted(data.class_names) == sorted(names) and list(data.class_names) != names:
-        from tlkeras import data as tldata  # classes added later come last in the output
-
-        data = tldata.from_directory(args.image_dir, size, class_names=names,
-                                     batch_size=args.batch_size, shuffle=False)
-    if data.class_names is not None and list(data.class_names) != names:
-        print(f"note: the data's classes {list(data.class_names)} differ from the model's {names}; "
-              "the data's are used", file=sys.stderr)
-        names = list(data.class_names)
-    output_dir = args.output_dir or os.path.join(
-        os.path.dirname(os.path.abspath(_model_path(args.model))), "evaluation"
-    )
+    output_dir = args.output_dir or _free_folder(  # the data's classes are matched by name
+        os.path.join(os.path.dirname(os.path.abspath(_model_path(args.model))), "evaluation"))
     with _quiet_tf():
         report = tlkeras.evaluate(model, data, names, top_k=args.top_k, output_dir=output_dir,
                                   class_steps=steps)
@@ -854,6 +845,15 @@ def cmd_evaluate(args):
             )
     print(f"\nReport: {report.files.get('report')}")
     return 0
+
+
+def _free_folder(path):
+    """`path`, or `path-2`, `path-3`, ... : the first that holds no report (never overwrite one)."""
+    candidate, n = path, 1
+    while os.path.exists(os.path.join(candidate, "report.json")):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 def cmd_predict(args):

@@ -50,6 +50,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
+from tlkeras import atomic
+
 logger = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -61,7 +63,7 @@ _TF_FORMATS = {"JPEG", "PNG", "GIF", "BMP"} | (
 _EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG",
                 ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
                 ".tif": "TIFF", ".tiff": "TIFF"}
-_SCAN_VERSION = 1
+_SCAN_VERSION = 2  # 2: entries keyed on content too
 _SHUFFLE_BUFFER_BYTES = 256 * 2**20
 
 __all__ = [
@@ -206,7 +208,8 @@ def _check_image(path, convert_dir):
     tf_error = None
     if in_graph:
         try:
-            pixels = tf.io.decode_image(tf.io.read_file(path), channels=4 if has_alpha else 3,
+            pixels = tf.io.decode_image(tf.io.read_file(os.fsencode(path)),
+                                        channels=4 if has_alpha else 3,
                                         expand_animations=False)
             ok = tuple(pixels.shape[:2]) == (h, w) and (
                 not has_alpha or int(tf.reduce_min(pixels[..., 3])) == 255)
@@ -231,7 +234,8 @@ def _check_image(path, convert_dir):
     except Exception as e:  # noqa: BLE001
         return "bad", _describe_bad(path, e, head)
     st = os.stat(path)
-    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{_digest(path)}".encode(
+        "utf-8", "surrogateescape")).hexdigest()[:24]
     copy = os.path.join(convert_dir, key + ".png")
     if not os.path.exists(copy):
         tmp = f"{copy}.{os.getpid()}.tmp"
@@ -242,17 +246,52 @@ def _check_image(path, convert_dir):
     return "good", ImageRecord(path, copy, why, note)
 
 
-def _list_images(folder, exts=IMAGE_EXTENSIONS):
-    """(files with exts, other files) under folder, recursively, sorted."""
-    images, ignored = [], []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+def _list_images(folder, exts=IMAGE_EXTENSIONS, seen=None):
+    """(files with exts, other files) under folder, recursively, sorted.
+
+    Each real folder and file is read once: symbolic links back up the tree (loops) or to
+    what was already read (`seen`, shared between the class folders) are skipped."""
+    seen = seen if seen is not None else {"dirs": set(), "files": set()}
+    seen_dirs, seen_files = seen["dirs"], seen["files"]
+    images, ignored, repeats, top = [], [], [], os.path.realpath(folder)
+
+    def unreadable(error):
+        raise PermissionError(error.errno, f"Cannot read the folder {error.filename}: "
+                              f"{error.strerror}. Make it readable, or move it out of {folder}.")
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs or (dirpath != folder and os.path.commonpath([real, top]) == real):
+            repeats.append(dirpath)
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             p = os.path.join(dirpath, name)
-            (images if name.lower().endswith(exts) else ignored).append(p)
+            if name.lower().endswith(exts):
+                if os.path.realpath(p) in seen_files:
+                    repeats.append(p)
+                    continue
+                seen_files.add(os.path.realpath(p))
+                images.append(p)
+            else:
+                ignored.append(p)
+    if repeats:
+        logger.warning("Read each real file once under %s: skipped %d symbolic links to folders or "
+                       "files already read (e.g. %s).", folder, len(repeats), repeats[0])
     return images, ignored
+
+
+def _digest(path, head=1 << 16):
+    """A content key: the file's first 64 KiB (the whole of most images)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.blake2b(f.read(head), digest_size=12).hexdigest()
+    except OSError:
+        return None
 
 
 def _scan_files(files, root, *, ignored=(), strict=False, report_path=None, num_workers=None):
@@ -260,8 +299,14 @@ def _scan_files(files, root, *, ignored=(), strict=False, report_path=None, num_
     key = hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:16]
     scan_dir = os.path.join(cache_root(), "scan")
     convert_dir = os.path.join(cache_root(), "converted")
-    os.makedirs(scan_dir, exist_ok=True)
-    os.makedirs(convert_dir, exist_ok=True)
+    try:
+        os.makedirs(scan_dir, exist_ok=True)
+        os.makedirs(convert_dir, exist_ok=True)
+        with atomic.path(os.path.join(scan_dir, ".writable")) as probe:
+            open(probe, "w").close()
+    except OSError as e:
+        raise OSError(e.errno, f"The tlkeras cache folder {cache_root()} is not writable "
+                      f"({e.strerror}). Set TLKERAS_CACHE_DIR to a writable folder.") from e
     index_path = os.path.join(scan_dir, key + ".json")
     stamp = {"version": _SCAN_VERSION, "tf": tf.__version__, "pil": Image.__version__}
     index = {}
@@ -282,21 +327,23 @@ def _scan_files(files, root, *, ignored=(), strict=False, report_path=None, num_
             results[p] = ("bad", f"cannot read: {e}")
             continue
         entry = index.get(p)
+        digest = _digest(p)
         if (entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns
+                and entry[4:] == [digest]
                 and (entry[2] == "bad" or os.path.exists(entry[3]["read_path"]))):
             results[p] = (entry[2], entry[3] if entry[2] == "bad" else ImageRecord(**entry[3]))
         else:
-            todo.append((p, st))
+            todo.append((p, st, digest))
     if todo:
         logger.info("Scanning %d image files under %s (%d already checked)",
                     len(todo), root, len(results))
         workers = num_workers or min(32, 2 * (os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for (p, st), res in zip(todo, pool.map(lambda a: _check_file(a[0], convert_dir),
-                                                   todo)):
+            for (p, st, digest), res in zip(todo, pool.map(
+                    lambda a: _check_file(a[0], convert_dir), todo)):
                 results[p] = res
                 index[p] = [st.st_size, st.st_mtime_ns, res[0],
-                            res[1] if res[0] == "bad" else dataclasses.asdict(res[1])]
+                            res[1] if res[0] == "bad" else dataclasses.asdict(res[1]), digest]
         tmp = f"{index_path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump({"stamp": stamp, "root": root, "files": index}, f)
@@ -421,11 +468,11 @@ def _check_dir(path):
 def _image_size(image_size):
     if image_size is None:
         return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    if len(image_size) != 2:
-        raise ValueError(f"image_size must be (height, width) or an int; got {image_size!r}")
-    return tuple(int(s) for s in image_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+        raise ValueError(f"Expected image_size to be (height, width) of ints > 0 or an int > 0, "
+                         f"received image_size={image_size!r}.")
+    return tuple(int(s) for s in size)
 
 
 def _to_rgb_tensor(img):
@@ -484,14 +531,20 @@ def _encode_labels(labels, label_mode, num_classes):
 
 
 def _finish(ds, n, *, batch_size, shuffle, seed, cache, augmentation, elem_bytes, decode,
-            cheap=True):
+            cheap=True, skip_errors=False):
     """Shared tail: (shuffle) -> decode -> (cache) -> (shuffle) -> batch -> aug -> prefetch.
 
     ``cheap``: elements before ``decode`` are paths/indices, so they are
     shuffled fully every epoch; otherwise a bounded buffer after decode."""
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"Expected batch_size to be an int >= 1 or None, received "
+                         f"batch_size={batch_size!r}.")
     if shuffle and cheap and not cache:
         ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
+    if skip_errors:  # decode flags files broken since the scan: skipped (and logged), not fatal
+        ds = ds.filter(_flagged_ok).map(_drop_flag)
+        ds = ds.ignore_errors(log_warning=True)
     if cache:
         ds = ds.cache("" if cache is True else os.fspath(cache))
     if shuffle and (cache or not cheap):
@@ -508,6 +561,14 @@ def _finish(ds, n, *, batch_size, shuffle, seed, cache, augmentation, elem_bytes
     return ds
 
 
+def _flagged_ok(*element):
+    return element[-1]
+
+
+def _drop_flag(*element):
+    return element[:-1] if len(element) > 2 else element[0]
+
+
 def _files_dataset(records, labels, image_size, *, interpolation, crop_to_aspect_ratio, **tail):
     read_paths = [r.read_path for r in records]
     n = len(read_paths)
@@ -516,16 +577,40 @@ def _files_dataset(records, labels, image_size, *, interpolation, crop_to_aspect
         read_paths = [read_paths[i] for i in order]
         labels = None if labels is None else labels[order]
 
-    def decode(path, *label):
-        img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    def read(contents):
+        img = tf.io.decode_image(contents, channels=3, expand_animations=False)
         img.set_shape((None, None, 3))
-        img = _resize(tf.cast(img, tf.float32), image_size, interpolation, crop_to_aspect_ratio)
-        return (img, *label) if label else img
+        return _resize(tf.cast(img, tf.float32), image_size, interpolation, crop_to_aspect_ratio)
 
+    def decode(path, *label):  # (image, *label, ok): a file broken since the scan is skipped
+        contents = tf.io.read_file(path)
+        ok = _looks_like_image(contents)
+        img = tf.cond(ok, lambda: read(contents), lambda: _skipped(path, image_size))
+        return (img, *label, ok)
+
+    read_paths = [os.fsencode(p) for p in read_paths]  # file names need not be UTF-8
     elems = (read_paths,) if labels is None else (read_paths, labels)
     ds = tf.data.Dataset.from_tensor_slices(elems)
     h, w = image_size
-    return _finish(ds, n, decode=decode, elem_bytes=h * w * 12, **tail)
+    return _finish(ds, n, decode=decode, elem_bytes=h * w * 12, skip_errors=True, **tail)
+
+
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
+
+
+def _looks_like_image(contents):
+    head = tf.strings.substr(contents, 0, 4)
+    return tf.reduce_any([tf.strings.substr(head, 0, len(m)) == m for m in _MAGIC])
+
+
+def _skipped(path, image_size):
+    def log(p):
+        logger.warning("Skipping %s: it is no longer an image (changed since it was scanned).",
+                       p.numpy().decode("utf-8", "surrogateescape"))
+        return True
+
+    with tf.control_dependencies([tf.py_function(log, [path], tf.bool)]):
+        return tf.zeros((*image_size, 3), tf.float32)
 
 
 def _attach(ds, class_names, records=None, labels=None, report=None):
@@ -553,9 +638,9 @@ def _class_folders(path, class_names, exts):
         raise ValueError(f"No class subfolders in {path!r}" + (
             "; the images lie directly in it. Put each class in its own subfolder "
             "(or use labels=None)." if has_files else " and no files to read."))
-    per_class, others = [], []
+    per_class, others, seen = [], [], {"dirs": set(), "files": set()}
     for d in subdirs:
-        files, rest = _list_images(os.path.join(path, d), exts)
+        files, rest = _list_images(os.path.join(path, d), exts, seen)
         per_class.append(files)
         others += rest
     if not any(per_class):
@@ -563,7 +648,7 @@ def _class_folders(path, class_names, exts):
     return subdirs, per_class, others
 
 
-def _check_classes(path, class_names, counts, bad_by_class=None):
+def _check_classes(path, class_names, counts, bad_by_class=None, kind="image"):
     empty = [c for c, n in zip(class_names, counts) if n == 0]
     if empty:
         detail = ""
@@ -571,7 +656,7 @@ def _check_classes(path, class_names, counts, bad_by_class=None):
             bad = (bad_by_class or {}).get(c, [])
             detail += f"\n  {os.path.join(path, c)}: " + (
                 f"all {len(bad)} files undecodable, e.g. {bad[0][0]}: {bad[0][1]}" if bad
-                else "no image files")
+                else f"no {kind} files")
         raise ValueError(f"Empty class folder(s) {empty} in {path!r}:{detail}\n"
                          "Remove them, add images, or pass class_names=[...] listing the "
                          "classes to use.")
@@ -759,17 +844,10 @@ def from_csv(path, image_column, label_column, *, image_size, label_sep=None,
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV file does not exist: {path!r}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        for col in (image_column, label_column):
-            if col not in columns:
-                raise ValueError(f"Column {col!r} not in {path!r}; columns are {columns}")
-        rows = [(r[image_column], r[label_column]) for r in reader]
-    if not rows:
-        raise ValueError(f"CSV {path!r} has no rows.")
+    rows = _read_csv_rows(path, image_column, label_column)
     base = os.path.dirname(os.path.abspath(path))
-    files = [os.path.normpath(os.path.join(base, p)) for p, _ in rows]
+    rows = _unique_rows(path, rows, base, label_sep, label_mode)
+    files = [os.path.normpath(os.path.join(base, p)) for p, _, _ in rows]
     missing = [(i + 2, p) for i, p in enumerate(files) if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(
@@ -778,19 +856,24 @@ def from_csv(path, image_column, label_column, *, image_size, label_sep=None,
     label_mode = label_mode or ("multi_hot" if label_sep else "int")
     if label_mode == "float":
         try:
-            y = np.asarray([float(v) for _, v in rows], np.float32)
+            y = np.asarray([float(v) for _, v, _ in rows], np.float32)
         except ValueError as e:
             raise ValueError(f"label_mode='float' but column {label_column!r} in {path!r} "
                              f"has a non-number: {e}") from None
         names, groups = class_names, [0] * len(rows)
     else:
         cells = [[s.strip() for s in v.split(label_sep) if s.strip()] if label_sep
-                 else [v.strip()] for _, v in rows]
+                 else [v.strip()] for _, v, _ in rows]
+        empty = [i for i, cell in enumerate(cells) if cell == [""]]
+        if empty:
+            raise ValueError(f"Line {rows[empty[0]][2]} of {path!r} has an empty {label_column!r} "
+                             f"cell ({len(empty)} such rows); every image needs a label. Fill it "
+                             "in or remove the row.")
         found = sorted({c for cell in cells for c in cell},
                        key=lambda c: (0, int(c), "") if c.lstrip("-").isdigit() else (1, 0, c))
         names = list(class_names) if class_names is not None else found
         index = {c: i for i, c in enumerate(names)}
-        for line, cell in enumerate(cells, start=2):
+        for (_, _, line), cell in zip(rows, cells):
             for c in cell:
                 if c not in index:
                     raise ValueError(f"Label {c!r} on line {line} of {path!r} is not in "
@@ -826,6 +909,50 @@ def from_csv(path, image_column, label_column, *, image_size, label_sep=None,
                             augmentation=aug if training else None)
         out.append(_attach(ds, names, [records[i] for i in idx], y[idx], report))
     return tuple(out) if subset == "both" else out[0]
+
+
+def _read_csv_rows(path, image_column, label_column):
+    """[(image, label, line)] from a UTF-8 CSV (a byte-order mark is fine)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            for col in (image_column, label_column):
+                if col not in columns:
+                    raise ValueError(f"Column {col!r} not in {path!r}; columns are {columns}")
+            rows = [(r[image_column] or "", r[label_column] or "", reader.line_num)
+                    for r in reader]
+    except UnicodeDecodeError as error:
+        with open(path, "rb") as f:
+            line = f.read()[:error.start].count(b"\n") + 1
+        byte = error.object[error.start]
+        raise ValueError(f"Line {line} of {path!r} is not UTF-8 (byte {byte:#x}); save the CSV "
+                         "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
+    if not rows:
+        raise ValueError(f"CSV {path!r} has no rows.")
+    return rows
+
+
+def _unique_rows(path, rows, base, label_sep, label_mode):
+    """One row per image file: repeated rows dropped (logged); conflicting labels refused
+    (merged for multilabel), so no image can land in both training and validation."""
+    by_file, order = {}, []
+    for image, label, line in rows:
+        key = os.path.realpath(os.path.join(base, image))
+        if key not in by_file:
+            by_file[key] = [image, label, line]
+            order.append(key)
+        elif by_file[key][1].strip() != label.strip():
+            if not label_sep or label_mode not in (None, "multi_hot"):
+                raise ValueError(
+                    f"{image!r} is listed with two labels in {path!r}: {by_file[key][1]!r} on "
+                    f"line {by_file[key][2]} and {label!r} on line {line}. Keep one row per image "
+                    "(or pass label_sep for multilabel data).")
+            by_file[key][1] += label_sep + label
+    if len(order) < len(rows):
+        logger.warning("%s lists %d image(s) more than once; each image is used once.", path,
+                       len(rows) - len(order))
+    return [tuple(by_file[k]) for k in order]
 
 
 def from_arrays(x, y=None, *, image_size=None, batch_size=32, shuffle=True, seed=None,
@@ -984,7 +1111,7 @@ def from_text_directory(path, *, batch_size=32, validation_split=None, subset=No
     """
     path = _check_dir(path)
     names, per_class, _ = _class_folders(path, class_names, (".txt",))
-    _check_classes(path, names, [len(fs) for fs in per_class])
+    _check_classes(path, names, [len(fs) for fs in per_class], kind="text (.txt)")
     if validation_split is not None and subset is None:
         raise ValueError("subset='training', 'validation' or 'both' is needed with "
                          "validation_split.")

@@ -11,12 +11,12 @@ Example:
 
 import csv
 import dataclasses
-import json
 import os
 import warnings
 
 import numpy as np
 
+from tlkeras import atomic, validation
 from tlkeras.anatomy import TASKS, infer_task
 
 THRESHOLD = 0.5  # decision threshold of "binary" and "multilabel" outputs
@@ -68,6 +68,7 @@ def evaluate(
     history=None,
     num_mistakes=10,
     class_steps=None,
+    overwrite=False,
 ):
     """Evaluates `model` on `data` and writes a report into `output_dir`.
 
@@ -96,11 +97,15 @@ def evaluate(
             (default: `model.class_steps` when set); with several steps,
             `old_class_accuracy` and `new_class_accuracy` (the last step's
             classes) are reported too.
+        overwrite: replace a report already in `output_dir` (default: refuse).
 
     Returns:
         An `EvaluationReport`.
     """
     task = _task(model, task)
+    if output_dir is not None and not overwrite:
+        atomic.refuse_overwrite(os.path.join(output_dir, "report.json"))
+    validation.check_model_data(model, data, task=task, name="data", labeled=False)
     y_true, y_prob = collect_predictions(model, data)
     n = len(y_true)
     if n == 0:
@@ -110,6 +115,10 @@ def evaluate(
         class_names = getattr(data, "class_names", None)
     if class_names is None and task != "regression":
         class_names = ["0", "1"] if task == "binary" else [str(i) for i in range(width)]
+    data_names = getattr(data, "class_names", None)
+    if class_names is not None and data_names is not None and task != "regression" and (
+            [str(c) for c in data_names] != [str(c) for c in class_names]):
+        y_true = validation.remap_labels(y_true, data_names, class_names, task)  # by name
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         expected = 2 if task == "binary" else width
@@ -182,8 +191,7 @@ def evaluate(
             save_figure(plot_training_curves(history), path)
             report.files["training_curves"] = path
         report.files["report"] = os.path.join(output_dir, "report.json")
-        with open(report.files["report"], "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        atomic.write_json(report.files["report"], report.to_dict(), default=None)
     return report
 
 

@@ -24,6 +24,7 @@ Serving the SavedModel (TF Serving, or in Python):
 
 import contextlib
 import dataclasses
+import functools
 import io
 import os
 import tempfile
@@ -33,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import models
+from tlkeras import atomic, models
 
 FORMATS = ("keras", "saved_model", "tflite")
 QUANTIZE = (None, "dynamic", "float16", "int8")
@@ -77,6 +78,54 @@ class ExportResult:
     checks: dict
 
 
+def _whole(export):
+    """Runs `export` into a temporary folder and moves it into place only once verified.
+
+    A re-export killed or failing mid-way leaves the previous export as it was: a
+    reader never sees a half-written folder or one mixing two models. Files in the
+    folder that are not export outputs are kept (hard-linked into the new folder).
+    """
+
+    @functools.wraps(export)
+    def wrapper(model, directory, *args, **kwargs):
+        target = os.path.abspath(os.fspath(directory))
+        with atomic.folder(target) as tmp:
+            if os.path.isdir(target):
+                for name in os.listdir(target):
+                    if name not in _OUTPUTS and not name.startswith("."):
+                        _link_copy(os.path.join(target, name), os.path.join(tmp, name))
+            try:
+                result = export(model, tmp, *args, **kwargs)
+            except ExportError as error:  # name the folder the user asked for, not the temporary
+                kept = " The previous export there is kept." if os.path.isdir(target) else ""
+                raise type(error)(str(error).replace(tmp, target) + kept) from error
+        result.directory = str(directory)
+        result.paths = {k: os.path.join(str(directory), os.path.relpath(v, tmp))
+                        for k, v in result.paths.items()}
+        return result
+
+    return wrapper
+
+
+_OUTPUTS = ("labels.txt", "model.keras", "saved_model", "model.tflite")
+
+
+def _link_copy(source, target):
+    import shutil
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if os.path.isdir(source) and not os.path.islink(source):
+        shutil.copytree(source, target, symlinks=True, copy_function=link)
+    else:
+        link(source, target)
+
+
+@_whole
 def export_model(
     model,
     directory,
@@ -110,7 +159,8 @@ def export_model(
 
     Args:
         model: a `keras.Model` taking images `(B, H, W, 3)` of a fixed size.
-        directory: where to write (created; existing files are replaced).
+        directory: where to write (created; a previous export there is replaced whole,
+            only once the new one is written and verified).
         formats: a subset of `("keras", "saved_model", "tflite")`.
         class_names: names of the model's output classes.
         quantize: TFLite quantization: None, "dynamic", "float16" or "int8".

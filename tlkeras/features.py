@@ -94,7 +94,23 @@ def _cache_key(extractor, dataset, key):
     }, default=str).encode())
     for w in extractor.weights:  # the weights fingerprint
         h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    _fingerprint_data(h, dataset, file_paths)
     return h.hexdigest()[:32]
+
+
+def _fingerprint_data(h, dataset, file_paths):
+    """The data's identity beyond names: each file's size, time and head; labels; length."""
+    for path in file_paths or ():
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                h.update(f"{st.st_size}|{st.st_mtime_ns}|".encode() + f.read(4096))
+        except OSError:
+            h.update(b"missing")
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels).tobytes())
+    h.update(str(int(dataset.cardinality())).encode())
 
 
 def extract_features(model_or_base, dataset, *, cache_dir=None, key=None, verbose=1):

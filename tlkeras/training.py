@@ -34,7 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import anatomy, augmentation, data, deprecation, features, models, phases
+from tlkeras import anatomy, atomic, augmentation, data, deprecation, features, models, phases
+from tlkeras import runs, validation
 from tlkeras import callbacks as tb
 from tlkeras.phases import (  # noqa: F401 - public here too
     _SparseSmoothedCrossentropy,
@@ -163,6 +164,14 @@ def fine_tune(
     for argument, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"Expected {argument} to be an int >= 0, received {argument}={value!r}.")
+    validation.check_positive(learning_rate=learning_rate,
+                              fine_tune_learning_rate=fine_tune_learning_rate)
+    if isinstance(optimizer, str):
+        make_optimizer(optimizer, learning_rate)  # an unknown name fails before anything runs
+    train_data = validation.check_model_data(model, train_data, name="train_data")
+    if validation_data is not None:
+        validation_data = validation.check_model_data(model, validation_data,
+                                                      name="validation_data")
     fine_tune_learning_rate = fine_tune_learning_rate or learning_rate / 20
     task = anatomy.infer_task(model)
     class_names = class_names or getattr(train_data, "class_names", None)
@@ -172,6 +181,7 @@ def fine_tune(
         "base": models.get_base(model).name,
         "task": task,
         "input_shape": list(model.input_shape[1:]) if isinstance(model.input_shape, tuple) else None,
+        "outputs": model.output_shape[-1] if isinstance(model.output_shape, tuple) else None,
         "head_epochs": head_epochs, "fine_tune_epochs": fine_tune_epochs,
         "unfreeze": unfreeze, "unfreeze_unit": unfreeze_unit,
         "learning_rate": learning_rate, "fine_tune_learning_rate": fine_tune_learning_rate,
@@ -203,6 +213,7 @@ def fine_tune(
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+        run.release()
     if working is not model:
         _copy_weights(working, model)
         _copy_trainable(working, model)
@@ -319,6 +330,12 @@ class _RunFolder:
         self.is_chief = _is_chief()
         if not self.is_chief:  # other workers write their state beside the chief's
             self.path = os.path.join(self.path, f"worker_{_task_id()}")
+        self.lock = runs.RunLock(self.path).acquire()  # before anything is read or written
+        try:
+            runs.check_resume(self.path, config)
+        except runs.RunFolderMismatchError:
+            self.release()
+            raise
         os.makedirs(self.sub("checkpoints"), exist_ok=True)
         config_path = os.path.join(self.path, "config.json")
         if os.path.exists(config_path):
@@ -328,14 +345,18 @@ class _RunFolder:
             if changed:
                 logger.warning("log_dir %s holds a run with other arguments (%s); resuming it anyway.",
                                self.path, ", ".join(sorted(changed)))
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2, default=str)
+        atomic.write_json(config_path, config)
         history = os.path.join(self.path, "history.csv")
         if os.path.exists(history):
             with open(history) as f:
                 for row in csv.DictReader(f):
                     epoch = int(row.pop("epoch"))
                     self.rows[epoch] = {k: float(v) for k, v in row.items() if v != ""}
+
+    def release(self):
+        if getattr(self, "lock", None):
+            self.lock.release()
+            self.lock = None
 
     def sub(self, name):
         return os.path.join(self.path, name) if self.path else None
@@ -351,11 +372,13 @@ class _RunFolder:
 
     def mark_phase1_done(self, model):
         if self.path:
-            model.save_weights(os.path.join(self.sub("checkpoints"), _PHASE1_DONE))
+            with atomic.path(os.path.join(self.sub("checkpoints"), _PHASE1_DONE)) as tmp:
+                model.save_weights(tmp)
 
     def callbacks(self, model, fit_model, phase, val, class_names, patience, extra, steps, initial_epoch=0):
         monitor = "val_loss" if val is not None else "loss"
-        cbs = [_HistoryRecorder(self, initial_epoch_of_phase=initial_epoch)]
+        cbs = [validation.NonFiniteLossGuard(self.path),
+               _HistoryRecorder(self, initial_epoch_of_phase=initial_epoch)]
         if patience:
             cbs.append(keras.callbacks.EarlyStopping(monitor, patience=patience, restore_best_weights=True))
         if self.path:
@@ -374,13 +397,12 @@ class _RunFolder:
         self.rows[epoch] = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
         if self.path:
             keys = sorted({k for row in self.rows.values() for k in row})
-            tmp = os.path.join(self.path, "history.csv.tmp")
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, ["epoch", *keys])
-                writer.writeheader()
-                for e in sorted(self.rows):
-                    writer.writerow({"epoch": e, **self.rows[e]})
-            os.replace(tmp, os.path.join(self.path, "history.csv"))
+            with atomic.path(os.path.join(self.path, "history.csv")) as tmp:
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, ["epoch", *keys])
+                    writer.writeheader()
+                    for e in sorted(self.rows):
+                        writer.writerow({"epoch": e, **self.rows[e]})
 
     def history_lists(self):
         keys = sorted({k for row in self.rows.values() for k in row})
@@ -392,7 +414,8 @@ class _RunFolder:
         paths = {name: self.sub(name) for name in ("config.json", "history.csv", "checkpoints", "logs")}
         if self.is_chief:
             paths["model.keras"] = self.sub("model.keras")
-            model.save(paths["model.keras"])
+            with atomic.path(paths["model.keras"]) as tmp:
+                model.save(tmp)
         return {k: v for k, v in paths.items() if os.path.exists(v)}
 
 
@@ -423,7 +446,8 @@ class _BestCheckpoint(keras.callbacks.Callback):
         best = min((row[self.monitor] for e, row in self.run.rows.items() if e < epoch and self.monitor in row),
                    default=math.inf)
         if value <= best:
-            self.full_model.save_weights(os.path.join(self.run.sub("checkpoints"), "best.weights.h5"))
+            with atomic.path(os.path.join(self.run.sub("checkpoints"), "best.weights.h5")) as tmp:
+                self.full_model.save_weights(tmp)
 
 
 class _ResumableBackup(keras.callbacks.BackupAndRestore):

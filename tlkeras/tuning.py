@@ -95,7 +95,7 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
-from tlkeras import anatomy, deprecation, features, models, phases
+from tlkeras import anatomy, deprecation, features, models, phases, validation
 from tlkeras import augmentation as augmentation_module  # `augmentation` is an argument
 from tlkeras import callbacks as tb
 from tlkeras.export import export_model
@@ -208,6 +208,8 @@ def tune(
     """
     if tuner not in TUNERS:
         raise ValueError(f"Expected tuner in {sorted(TUNERS)}, received tuner={tuner!r}.")
+    validation.check_search_space(search_space)  # fails fast, naming the key and the value
+    validation.check_positive(head_learning_rate=head_learning_rate)
     if validation_data is None:
         raise ValueError(f"tune needs validation_data to compute objective={objective!r}.")
     for name, data in (("train_data", train_data), ("validation_data", validation_data)):
@@ -226,6 +228,8 @@ def tune(
     worker = _is_distributed_worker()
     reference = _reference_model(base_or_model, train_data, num_classes, task, input_shape,
                                  weights, augmentation)
+    validation.check_model_data(reference, train_data, name="train_data")
+    validation.check_model_data(reference, validation_data, name="validation_data")
     project_dir = os.path.join(os.fspath(directory), project_name)
     hypermodel = TransferHyperModel(
         reference, search_space, project_dir=project_dir, head_epochs=head_epochs,
