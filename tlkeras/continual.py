@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import models
+from tlkeras.features import extract_features
 
 logger = logging.getLogger("tlkeras")
 
@@ -537,8 +538,6 @@ def _collect(data, num_classes, argument, names):
 
 
 def _features(model, images):
-    from tlkeras.features import extract_features
-
     dataset = tf.data.Dataset.from_tensor_slices(np.asarray(images)).batch(128)
     return extract_features(model, dataset, verbose=0).features
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from tlkeras import atomic, validation
 from tlkeras.anatomy import TASKS, infer_task
+from tlkeras.continual import step_accuracies
 
 THRESHOLD = 0.5  # decision threshold of "binary" and "multilabel" outputs
 
@@ -171,8 +172,6 @@ def evaluate(
         report.metrics.update(summary)
         steps = class_steps if class_steps is not None else getattr(model, "class_steps", None)
         if task == "multiclass" and steps and len(steps) > 1:
-            from tlkeras.continual import step_accuracies
-
             by_step = step_accuracies(labels, y_pred, steps)
             report.metrics.update({k: by_step[k] for k in ("old_class_accuracy",
                                                            "new_class_accuracy")})

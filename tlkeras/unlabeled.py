@@ -41,6 +41,8 @@ import tensorflow as tf
 from keras import ops
 
 from tlkeras import models
+from tlkeras import callbacks as tb
+from tlkeras import training
 from tlkeras.features import extract_features, sklearn_labels
 
 logger = logging.getLogger("tlkeras")
@@ -443,8 +445,6 @@ def pretrain(base_or_model, unlabeled_data, *, method="simclr", epochs=10, batch
               "projection_units": projection_units, "seed": seed, "model": base_or_model.name}
     callbacks, paths = [], {}
     if run_dir:
-        from tlkeras import callbacks as tb
-
         run_dir = os.path.abspath(run_dir)
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -690,8 +690,6 @@ class _PickBest(keras.callbacks.Callback):
 
 
 def _coral(model, source, target, val, selected_by, *, epochs, learning_rate, eps, verbose, **_):
-    from tlkeras import training
-
     xs, ys = extract_features(model, source, verbose=verbose)
     xt = extract_features(model, target, verbose=verbose).features
     moved = coral_transform(xs, xt, eps=eps)
@@ -733,8 +731,6 @@ class _RampReversal(keras.callbacks.Callback):
 
 def _dann(model, source, target, val, selected_by, *, epochs, learning_rate, domain_weight,
           domain_units, verbose, **_):
-    from tlkeras import training
-
     task = models.infer_task(model)
     features = model.get_layer("features").output
     reversal = GradientReversal(0.0, name="gradient_reversal")

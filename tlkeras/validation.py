@@ -30,6 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import anatomy
+
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_model_data", "check_positive",
            "check_search_space", "class_index_map", "remap_labels"]
 
@@ -55,9 +57,7 @@ def check_model_data(model, data, *, task=None, name="train_data", labeled=True)
         ValueError / TypeError: one line naming `name`, what was expected,
             what was received and what to do.
     """
-    from tlkeras import models
-
-    task = task or models.infer_task(model)
+    task = task or anatomy.infer_task(model)
     data = _as_dataset(data, name, labeled)
     spec = data.element_spec
     x_spec = spec[0] if isinstance(spec, tuple) else spec
