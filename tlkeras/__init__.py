@@ -60,3 +60,4 @@ from tlkeras.training import FineTuneResult, fine_tune  # noqa: E402,F401
 from tlkeras import text  # noqa: E402,F401
 from tlkeras.hub import HubLayer  # noqa: E402,F401
 from tlkeras.tuning import TuneResult, tune  # noqa: E402,F401
+from tlkeras.fusion import DistillResult, distill, ensemble  # noqa: E402,F401
