@@ -6,6 +6,7 @@
 - `text_classification`: a BERT-family KerasHub preset (all-MiniLM-L6-v2 offline) on raw text.
 - `features_svm`: frozen base features into a scikit-learn SVM.
 - `face_recognition`: embeddings from a pretrained base, a classifier and a verification threshold.
+- `distill_to_mobile`: an Xception teacher distilled into MobileNetV3Small with unlabeled images.
 
 `--smoke` runs each recipe offline in seconds on tiny local or mocked data and
 random weights (what the tests run); without it the recipe downloads the real

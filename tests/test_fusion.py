@@ -168,3 +168,14 @@ def test_distill_from_unlabeled_images_only(members, digits):
     with pytest.raises(ValueError, match="train_data must yield"):
         fusion._labeled(images, "train_data")
 
+
+
+@pytest.mark.heavy
+def test_distill_to_mobile_recipe_smoke(tmp_path):
+    from recipes import distill_to_mobile
+    from recipes.fashion_mnist import DATA_DIR
+
+    if not os.path.isdir(DATA_DIR):
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    result = distill_to_mobile.main(["--smoke", "--output_dir", str(tmp_path)])
+    assert os.path.getsize(result["tflite"]) == result["tflite_bytes"] > 0
