@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import models
+from tlkeras.layers import InferenceMode
 
 __all__ = ["METHODS", "DistillResult", "LogProbabilities", "MemberAverage", "calibration_error",
            "distill", "ensemble", "kl_divergence"]
@@ -242,7 +243,8 @@ def _branch(member, size, index):
     inputs = keras.Input(shape=(*size, 3), name="image")
     own = _image_size(member, index)
     x = inputs if own == size else keras.layers.Resizing(*own, name="resize")(inputs)
-    return keras.Model(inputs, member(x), name=f"member_{index}")
+    # Always in inference mode: no dropout ops in exported graphs (TFLite), whatever `training`.
+    return keras.Model(inputs, InferenceMode(member)(x), name=f"member_{index}")
 
 
 def _member_outputs(branches, data, size):
