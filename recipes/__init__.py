@@ -7,6 +7,7 @@
 - `features_svm`: frozen base features into a scikit-learn SVM.
 - `face_recognition`: embeddings from a pretrained base, a classifier and a verification threshold.
 - `domain_shift`: clean digits to digits on photo textures: SimCLR pretraining, CORAL, clustering.
+- `distill_to_mobile`: an Xception teacher distilled into MobileNetV3Small with unlabeled images.
 
 `--smoke` runs each recipe offline in seconds on tiny local or mocked data and
 random weights (what the tests run); without it the recipe downloads the real

@@ -74,3 +74,4 @@ from tlkeras.unlabeled import (  # noqa: E402,F401
     similar,
 )
 from tlkeras import atomic, runs, validation  # noqa: E402,F401
+from tlkeras.fusion import DistillResult, distill, ensemble  # noqa: E402,F401

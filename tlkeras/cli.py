@@ -12,6 +12,8 @@
     tlkeras weights ResNet50 [--verify resnet50_notop.h5]
     tlkeras demo [--quick]
     tlkeras add-classes --model runs/flowers --image_dir new_flowers/ [--method rehearsal+lwf]
+    tlkeras ensemble --models runs/a runs/b --image_dir held_out/ --output_dir export/fused
+    tlkeras distill --teacher export/fused --student MobileNetV3Small --image_dir flowers/
 
 Every subcommand has `--help`. Every setting of `train` and `tune` can also
 come from `--config file.yaml|json` (keys are the flag names without `--`;
@@ -388,6 +390,7 @@ def build_parser():
     )
     demo.add_argument("--seeds", type=_number(int, 1), help="seeds averaged per budget")
     _add_unlabeled_commands(add)
+    _add_fusion_commands(add)
     return parser, subparsers
 
 
@@ -431,6 +434,46 @@ def _add_unlabeled_commands(add):
     cluster.add_argument("--max_clusters", type=_number(int, 2), default=15)
     cluster.add_argument("--output", metavar="FILE.csv", help="default: CSV on stdout")
     cluster.add_argument("--batch_size", type=_number(int, 1), default=32)
+
+
+def _add_fusion_commands(add):
+    """`tlkeras ensemble` and `tlkeras distill` (tlkeras.fusion)."""
+    ensemble = add("ensemble", "Fuse trained models into one (average, weighted, stacking or "
+                   "a weight soup), evaluate it and export it (tlkeras.ensemble).")
+    ensemble.add_argument("--models", nargs="+", required=True, type=_existing("path"),
+                          metavar="RUN", help="runs, export folders or .keras files")
+    ensemble.add_argument("--image_dir", required=True, type=_existing("folder"), metavar="DIR",
+                          help="held-out labeled images (a subfolder per class), not used to "
+                               "train the members: they fit weighted/stacking/the greedy soup")
+    ensemble.add_argument("--output_dir", required=True, help="the fused model's exports")
+    ensemble.add_argument("--method", choices=("average", "weighted", "stacking", "soup"),
+                          default="average")
+    ensemble.add_argument("--batch_size", type=_number(int, 1), default=32)
+
+    distill = add("distill", "Distill a trained teacher into a small student "
+                  "(keras.distillation; tlkeras.distill) and export it.")
+    distill.add_argument("--teacher", required=True, type=_existing("path"),
+                         help="a run, export folder or .keras file (e.g. a `tlkeras ensemble`)")
+    distill.add_argument("--student", default="MobileNetV3Small",
+                         help="a backbone name (built at --image_size) or a .keras file")
+    distill.add_argument("--weights", default="imagenet",
+                         help="the student's: imagenet, none or a path to a weights file")
+    _add_data_args(distill, validation=True)
+    g = distill.add_argument_group("distillation")
+    g.add_argument("--unlabeled_dir", type=_existing("folder"), metavar="DIR",
+                   help="more images, without labels (any folders): teacher targets only")
+    g.add_argument("--epochs", type=_number(int, 1), default=10)
+    g.add_argument("--temperature", type=_number(float, 0, low_open=True), default=3.0)
+    g.add_argument("--alpha", type=_number(float, 0, 1), default=0.1,
+                   help="weight of the labels' loss; 1 - alpha is the teacher's")
+    g.add_argument("--learning_rate", type=_number(float, 0, low_open=True), default=1e-3)
+    g.add_argument("--run_dir", metavar="DIR", help="config, history.csv, checkpoints, the "
+                   "student's model.keras, TensorBoard logs; resumes "
+                   "(default: runs/distill-<time>)")
+    g.add_argument("--export_dir", metavar="DIR", help="export the student here (.keras, "
+                   "SavedModel, TFLite)")
+    g.add_argument("--quantize", choices=("none", "dynamic", "float16", "int8"), default="none",
+                   help="TFLite quantization of the student")
 
 
 def _add_data_args(parser, validation):
@@ -1066,11 +1109,87 @@ def cmd_demo(args):
     return 0 if results["rows"] else 1
 
 
+def cmd_ensemble(args):
+    import tlkeras
+    from tlkeras import data
+
+    loaded = [_load_model(path) for path in args.models]
+    members, names = [model for model, _ in loaded], loaded[0][1]
+    size = max((tuple(m.input_shape[1:3]) for m in members), key=lambda s: s[0] * s[1])
+    held_out = data.from_directory(args.image_dir, size, batch_size=args.batch_size, shuffle=False)
+    with _quiet_tf():
+        fused = tlkeras.ensemble(members, method=args.method,
+                                 validation_data=None if args.method == "average" else held_out)
+        report = tlkeras.evaluate(fused, held_out, names,
+                                  output_dir=os.path.join(args.output_dir, "evaluation"))
+        result = tlkeras.export_model(fused, args.output_dir, class_names=names,
+                                      representative_data=held_out)
+    fitted = "" if args.method == "average" else " (the images it was fitted on)"
+    print(f"{args.method} of {len(members)} models: accuracy {report.metrics['accuracy']:.4f} on "
+          f"{report.num_samples} images of {args.image_dir}{fitted}")
+    for kind, path in result.paths.items():
+        print(f"{kind:>12}: {path}")
+    return 0
+
+
+def cmd_distill(args):
+    import keras
+
+    import tlkeras
+    from tlkeras import backbones, data
+
+    given = [name for name in DATA_SOURCES if getattr(args, name)]
+    if len(given) != 1:
+        raise UsageError("give exactly one data source of --image_dir, --tfds, --csv (see "
+                         "`tlkeras distill --help`)")
+    teacher, names = _load_model(args.teacher)
+    if args.student.endswith(".keras"):
+        student, _ = _load_model(args.student)
+        size = tuple(student.input_shape[1:3])
+    elif backbones.exists(args.student):
+        side = args.image_size or backbones.get(args.student).default_size
+        size = (side, side)
+        student = tlkeras.build_transfer_model(args.student, len(names), input_shape=(*size, 3),
+                                               weights=_weights(args))
+        tlkeras.unfreeze(student, "all")
+    else:
+        raise UsageError(f"argument --student: expected a backbone name (see `tlkeras "
+                         f"backbones`) or a .keras file, received {args.student!r}")
+    train, val = _load_data(args, size)
+    unlabeled = None
+    if args.unlabeled_dir:
+        unlabeled = data.from_directory(args.unlabeled_dir, size, labels=None,
+                                        batch_size=args.batch_size, seed=args.seed)
+    run_dir = args.run_dir or os.path.join(
+        "runs", f"distill-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    with _quiet_tf():
+        result = tlkeras.distill(teacher, student, train, val, temperature=args.temperature,
+                                 alpha=args.alpha, epochs=args.epochs, unlabeled_data=unlabeled,
+                                 learning_rate=args.learning_rate, run_dir=run_dir,
+                                 class_names=names, seed=args.seed, verbose=_verbose())
+        if val is not None:
+            for role, model in (("teacher", teacher), ("student", result.model)):
+                accuracy = tlkeras.evaluate(model, val.map(
+                    lambda x, y, m=model: (keras.ops.image.resize(x, m.input_shape[1:3]), y)),
+                    names).metrics["accuracy"]
+                print(f"{role}: validation accuracy {accuracy:.4f}")
+        if args.export_dir:
+            result_export = tlkeras.export_model(
+                result.model, args.export_dir, class_names=names,
+                quantize=None if args.quantize == "none" else args.quantize,
+                representative_data=val if val is not None else train)
+            for kind, path in result_export.paths.items():
+                print(f"{kind:>12}: {path}")
+    print(f"Run folder: {result.run_dir}")
+    return 0
+
+
 _COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict,
              "export": cmd_export, "scan": cmd_scan, "backbones": cmd_backbones,
              "weights": cmd_weights, "demo": cmd_demo}
 _COMMANDS["add-classes"] = cmd_add_classes
 _COMMANDS.update(pretrain=cmd_pretrain, adapt=cmd_adapt, cluster=cmd_cluster)
+_COMMANDS.update(ensemble=cmd_ensemble, distill=cmd_distill)
 
 
 if __name__ == "__main__":
