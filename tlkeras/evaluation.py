@@ -40,7 +40,7 @@ class EvaluationReport:
             dicts with `index` (position in `data`), `file` (or None),
             `true`, `predicted`, `confidence` (predicted class probability)
             and `true_probability`.
-        files: paths written into `output_dir` (`report`,
+        files: paths written into `output_dir` (`report`, `html`,
             `confusion_matrix`, `training_curves`).
     """
 
@@ -86,8 +86,11 @@ def evaluate(
         task: one of `tlkeras.models.TASKS`; read from the model's
             "predictions" layer when omitted.
         top_k: also report top-k accuracy (multiclass, when k < classes).
-        output_dir: if given, writes `report.json`, `confusion_matrix.png`
-            and (with `history`) `training_curves.png` into it.
+        output_dir: if given, writes `report.json`, `confusion_matrix.png`,
+            (with `history`) `training_curves.png` and `report.html` (one
+            self-contained page: metrics, tables, curves from `history` or
+            `<output_dir>/history.csv`, the most confident mistakes and a few
+            correct examples per class with Grad-CAM overlays) into it.
         history: a `keras.callbacks.History`, a dict of lists, or the path of
             a `history.csv` (`keras.callbacks.CSVLogger`).
         num_mistakes: how many of the most confident mistakes to list.
@@ -96,7 +99,14 @@ def evaluate(
         An `EvaluationReport`.
     """
     task = _task(model, task)
-    y_true, y_prob = collect_predictions(model, data)
+    examples = None
+    if output_dir is not None:
+        from tlkeras.report import Examples
+
+        examples = Examples(task, num_mistakes)
+    y_true, y_prob = collect_predictions(
+        model, data, on_batch=examples.add if examples is not None else None
+    )
     n = len(y_true)
     if n == 0:
         raise ValueError("evaluate() received empty `data`: it yielded no samples.")
@@ -170,19 +180,28 @@ def evaluate(
             save_figure(plot_training_curves(history), path)
             report.files["training_curves"] = path
         report.files["report"] = os.path.join(output_dir, "report.json")
+        report.files["html"] = os.path.join(output_dir, "report.html")
         with open(report.files["report"], "w") as f:
             json.dump(report.to_dict(), f, indent=2)
+        from tlkeras.report import write_report
+
+        write_report(report, output_dir, model, examples, history)
     return report
 
 
-def collect_predictions(model, data, *, max_batches=None):
-    """Runs `model` over `data`; returns `(labels, predictions)` arrays."""
+def collect_predictions(model, data, *, max_batches=None, on_batch=None):
+    """Runs `model` over `data`; returns `(labels, predictions)` arrays.
+
+    `on_batch(images, labels, predictions)`, if given, sees every batch.
+    """
     labels, predictions = [], []
     for i, (x, y) in enumerate(iterate_batches(data)):
         if max_batches is not None and i >= max_batches:
             break
         predictions.append(np.asarray(model.predict_on_batch(x), dtype="float32"))
         labels.append(y)
+        if on_batch is not None:
+            on_batch(x, y, predictions[-1])
     if not predictions:
         return np.zeros((0,)), np.zeros((0, 0))
     return np.concatenate(labels), np.concatenate(predictions)
