@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tlkeras
+from tlkeras.cli import main
 from tests.conftest import digits_rgb
 from tests.test_hub import _Module
 from tlkeras.explain import _spearman
@@ -125,6 +126,20 @@ def test_occlusion_on_exported_saved_model_and_tflite(trained, tmp_path):
         np.testing.assert_allclose(explanation.heatmaps, reference.heatmaps, atol=0.05)
     paths = reference.save(tmp_path / "png")
     assert len(paths) == 3 and keras.utils.load_img(paths[0]).size == (SIZE, SIZE)
+
+    # The command line: overlays and an index.html, from a .keras run file and from an export.
+    files = []
+    for i, image in enumerate(images):
+        files.append(str(tmp_path / f"digit{i}.png"))
+        keras.utils.save_img(files[-1], image, scale=False)
+    model.save(tmp_path / "model.keras")
+    for source, out in ((tmp_path / "model.keras", "cli_keras"),
+                        (result.paths["saved_model"], "cli_export")):
+        assert main(["explain", "--model", str(source), *files, "--output_dir",
+                     str(tmp_path / out)]) == 0
+        written = sorted(os.listdir(tmp_path / out))
+        assert written == ["000_digit0.png", "001_digit1.png", "002_digit2.png", "index.html"]
+        assert open(tmp_path / out / "index.html").read().count("<img") == 6
 
 
 def test_occlusion_on_hub_saved_model_base(tmp_path):

@@ -254,6 +254,19 @@ def load_callable(path):
     )
 
 
+def input_size(model):
+    """`(height, width)` a Keras model, exported SavedModel folder or `.tflite` file takes."""
+    if isinstance(model, keras.Model):
+        return tuple(model.input_shape[1:3])
+    path = os.fspath(model)
+    if path.endswith(".tflite"):
+        interpreter = tf.lite.Interpreter(model_path=path)
+        return tuple(int(v) for v in interpreter.get_input_details()[0]["shape"][1:3])
+    serving = tf.saved_model.load(path).signatures["serving_default"]
+    spec = next(iter(serving.structured_input_signature[1].values()))
+    return tuple(spec.shape[1:3])
+
+
 # --- Grad-CAM ------------------------------------------------------------------------------
 
 
