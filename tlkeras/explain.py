@@ -378,8 +378,8 @@ def _gradcam(model, images, class_index, layer_name, plus):
             outputs = tf.cast(outputs, tf.float32)
             classes = _classes(outputs.numpy(), class_index, start, len(x))
             score = _score(outputs, classes)
-        activations = tf.cast(activations, tf.float32)
         grads = tf.cast(tape.gradient(score, activations), tf.float32)
+        activations = tf.cast(activations, tf.float32)  # mixed precision: float16
         if plus:
             g2, g3 = grads**2, grads**3
             total = tf.reduce_sum(activations, axis=(1, 2), keepdims=True)
