@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tlkeras
 from tlkeras.cli import main
-from tests.conftest import digits_rgb
+from tests.conftest import XCEPTION_WEIGHTS, digits_rgb
 from tests.test_hub import _Module
 from tlkeras.explain import _spearman
 
@@ -197,3 +197,18 @@ def test_text_token_scores_line_up_with_the_words(tmp_path):
         assert max(score for _, score in pairs) > 0
     assert "<span" in open(explanation.save(tmp_path)[0]).read()
 
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not os.path.isfile(XCEPTION_WEIGHTS)
+                    or not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="needs ../shared/weights and Debian's Fashion-MNIST files")
+def test_pointing_game_on_cluttered_canvases_with_real_xception_weights():
+    """Fashion-MNIST items pasted at random places on clutter: the Grad-CAM peak finds them."""
+    from bench.bench_explain import canvases, pointing_game, train_localizer
+
+    model = train_localizer(200)
+    x, y, boxes = canvases(60, seed=1)
+    chance = 40 * 40 / 128**2
+    rate = pointing_game(tlkeras.explain(model, x, method="gradcam++", class_index=y).heatmaps,
+                         boxes)
+    assert rate > 2.5 * chance, (rate, chance)
