@@ -245,6 +245,9 @@ class GradCAMCallback(_ImageCallback):
 
         if self._samples is None:
             self._samples = evaluation.first_samples(self.validation_data, self.num_images)[0]
+        if np.ndim(self._samples) != 4:  # not images (e.g. text): nothing to overlay
+            self._enabled = False
+            return
         try:
             result = explain(self.model, self._samples)
         except (ValueError, TypeError) as error:
