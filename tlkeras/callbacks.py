@@ -12,7 +12,7 @@ Layout of `log_dir` (one TensorBoard "run" per folder):
     log_dir/             HParams session and its `hparams/<metric>` scalars
     log_dir/train/       epoch_loss, epoch_<metric>, epoch_learning_rate
     log_dir/validation/  epoch_loss, epoch_<metric>
-    log_dir/images/      confusion_matrix, sample_predictions
+    log_dir/images/      confusion_matrix, sample_predictions, grad_cam
 
 Point TensorBoard at the parent of several runs to compare them side by side
 (HParams dashboard included):
@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import evaluation
+from tlkeras.explain import explain
 
 IMAGES_DIR = "images"
 HPARAMS_PREFIX = "hparams/"
@@ -67,7 +68,7 @@ def tensorboard_callbacks(
             (`keras.callbacks.TensorBoard`). The trace goes to
             `log_dir/train/plugins/profile` (Profile tab; needs the
             `tensorboard-plugin-profile` package to view).
-        every_n_epochs: log the confusion matrix every n epochs.
+        every_n_epochs: log the confusion matrix and Grad-CAM overlays every n epochs.
         num_images: size of the sample prediction grid.
         max_batches: limit the confusion matrix to this many batches.
         **tensorboard_kwargs: more arguments of `keras.callbacks.TensorBoard`,
@@ -83,6 +84,7 @@ def tensorboard_callbacks(
                 validation_data, class_names, log_dir, every_n_epochs, max_batches
             ),
             SamplePredictionsCallback(validation_data, class_names, log_dir, num_images),
+            GradCAMCallback(validation_data, class_names, log_dir, every_n_epochs),
         ]
     if hparams is not None:
         callbacks.append(HParamsCallback(hparams, log_dir))
@@ -219,6 +221,51 @@ class SamplePredictionsCallback(_ImageCallback):
             ax.axis("off")
         figure.tight_layout()
         return figure
+
+
+class GradCAMCallback(_ImageCallback):
+    """Logs Grad-CAM overlays of a fixed set of validation images (`images/grad_cam`).
+
+    The first `num_images` validation images, each with the heatmap of its
+    predicted class (`tlkeras.explain`), every n epochs. Image classifiers only;
+    for a model Grad-CAM cannot see into it warns once and stops.
+    """
+
+    _skip_tasks = ("multilabel", "regression")
+
+    def __init__(self, validation_data, class_names=None, log_dir="logs", every_n_epochs=1,
+                 num_images=8, task=None):
+        super().__init__(validation_data, class_names, log_dir, task)
+        self.every_n_epochs, self.num_images = every_n_epochs, num_images
+        self._samples = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._enabled or (epoch + 1) % self.every_n_epochs:
+            return
+        if self._samples is None:
+            self._samples = evaluation.first_samples(self.validation_data, self.num_images)[0]
+        if np.ndim(self._samples) != 4:  # not images (e.g. text): nothing to overlay
+            self._enabled = False
+            return
+        try:
+            result = explain(self.model, self._samples)
+        except (ValueError, TypeError) as error:
+            warnings.warn(f"GradCAMCallback: no Grad-CAM images: {error}")
+            self._enabled = False
+            return
+        cols = int(np.ceil(np.sqrt(len(self._samples))))
+        rows = int(np.ceil(len(self._samples) / cols))
+        figure = evaluation._figure(2.2 * cols, 2.4 * rows)
+        figure.suptitle(f"Grad-CAM of the predicted class, epoch {epoch + 1}")
+        for i, (image, c, p) in enumerate(zip(result.overlay(), result.predicted,
+                                              result.probabilities)):
+            ax = figure.add_subplot(rows, cols, i + 1)
+            ax.imshow(image)
+            score = p[c] if len(p) > 1 else (p[0] if c == 1 else 1 - p[0])
+            ax.set_title(f"{self._names[c]} ({score:.2f})", fontsize=8)
+            ax.axis("off")
+        figure.tight_layout()
+        self._write("grad_cam", figure, epoch)
 
 
 class HParamsCallback(keras.callbacks.Callback):

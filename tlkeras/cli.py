@@ -316,6 +316,17 @@ def build_parser():
                                                "(default: <model folder>/evaluation)")
     evaluate.add_argument("--top_k", type=_number(int, 1), default=5)
 
+    explain = add("explain", "Explain predictions: heatmap overlays of image files and an "
+                  "index.html.")
+    explain.add_argument("inputs", nargs="+", type=_existing("path"), metavar="IMAGE")
+    explain.add_argument("--model", required=True, type=_existing("path"),
+                         help="a .keras file, a run folder, an exported SavedModel folder or a "
+                              ".tflite file")
+    explain.add_argument("--output_dir", required=True)
+    explain.add_argument("--method", choices=("gradcam", "gradcam++", "integrated_gradients",
+                                              "occlusion"),
+                         help="default: gradcam for Keras models, occlusion for exports")
+
     predict = add("predict", "Predict the top-k labels of image files or folders.")
     predict.add_argument("inputs", nargs="+", type=_existing("path"), metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--model", required=True, type=_existing("path"),
@@ -887,6 +898,49 @@ def cmd_evaluate(args):
                 f"{row['f1']:>6.3f}  {row['support']:>7}"
             )
     print(f"\nReport: {report.files.get('report')}")
+    print(f"Page: {report.files.get('html')}")
+    return 0
+
+
+def cmd_explain(args):
+    import numpy as np
+
+    from tlkeras import data
+    from tlkeras.explain import explain, input_size, load_callable
+    from tlkeras.report import index_page, thumbnail_png
+
+    keras_model = not (args.model.endswith(".tflite")
+                       or os.path.isfile(os.path.join(args.model, "saved_model.pb")))
+    if keras_model:
+        model, names = _load_model(args.model)
+    else:
+        model = load_callable(args.model)
+        folder = args.model if os.path.isdir(args.model) else os.path.dirname(args.model)
+        labels = [os.path.join(folder, "labels.txt"), os.path.join(folder, "..", "labels.txt")]
+        labels = next((path for path in labels if os.path.isfile(path)), None)
+        names = open(labels).read().split("\n") if labels else []
+    method = args.method or ("gradcam" if keras_model else "occlusion")
+    size = input_size(model if keras_model else args.model)
+    files = data.from_files(args.inputs, size)  # unreadable files are skipped and listed
+    if not files.file_paths:
+        raise UsageError(f"no readable image among {args.inputs}")
+    images = list(np.concatenate([batch.numpy() for batch in files]))
+    args.inputs = list(files.file_paths)
+    with _quiet_tf():
+        result = explain(model, images, method=method)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in args.inputs]
+    paths = result.save(args.output_dir, [f"{i:03d}_{stem}.png" for i, stem in enumerate(stems)])
+    cards = []
+    for path, image, overlay, c, p in zip(args.inputs, images, result.overlay(),
+                                          result.explained, result.probabilities):
+        name = names[c] if c < len(names) and names[c] else str(c)
+        score = p[c] if len(p) > 1 else (p[0] if c == 1 else 1 - p[0])
+        cards.append(([thumbnail_png(image), thumbnail_png(overlay)],
+                      f"{os.path.basename(path)}: {name} ({score:.3f})"))
+    page = index_page(os.path.join(args.output_dir, "index.html"),
+                      f"{method} of {os.path.basename(os.path.abspath(args.model))}", cards)
+    print(f"{len(paths)} overlays ({method}) in {args.output_dir}; page: {page}")
     return 0
 
 
@@ -1185,6 +1239,7 @@ def cmd_distill(args):
 
 
 _COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict,
+             "explain": cmd_explain,
              "export": cmd_export, "scan": cmd_scan, "backbones": cmd_backbones,
              "weights": cmd_weights, "demo": cmd_demo}
 _COMMANDS["add-classes"] = cmd_add_classes

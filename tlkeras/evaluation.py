@@ -9,7 +9,6 @@ Example:
 {'index': 17, 'file': '.../roses/123.jpg', 'true': 'roses', 'predicted': 'tulips', ...}
 """
 
-import csv
 import dataclasses
 import os
 import warnings
@@ -18,7 +17,14 @@ import numpy as np
 
 from tlkeras import atomic, validation
 from tlkeras.anatomy import TASKS, infer_task
+from tlkeras import report as report_module
 from tlkeras.continual import step_accuracies
+from tlkeras.plots import (  # noqa: F401 - public here too
+    figure_to_png,
+    plot_confusion_matrix,
+    plot_training_curves,
+    save_figure,
+)
 
 THRESHOLD = 0.5  # decision threshold of "binary" and "multilabel" outputs
 
@@ -41,7 +47,7 @@ class EvaluationReport:
             dicts with `index` (position in `data`), `file` (or None),
             `true`, `predicted`, `confidence` (predicted class probability)
             and `true_probability`.
-        files: paths written into `output_dir` (`report`,
+        files: paths written into `output_dir` (`report`, `html`,
             `confusion_matrix`, `training_curves`).
     """
 
@@ -89,8 +95,11 @@ def evaluate(
         task: one of `tlkeras.models.TASKS`; read from the model's
             "predictions" layer when omitted.
         top_k: also report top-k accuracy (multiclass, when k < classes).
-        output_dir: if given, writes `report.json`, `confusion_matrix.png`
-            and (with `history`) `training_curves.png` into it.
+        output_dir: if given, writes `report.json`, `confusion_matrix.png`,
+            (with `history`) `training_curves.png` and `report.html` (one
+            self-contained page: metrics, tables, curves from `history` or
+            `<output_dir>/history.csv`, the most confident mistakes and a few
+            correct examples per class with Grad-CAM overlays) into it.
         history: a `keras.callbacks.History`, a dict of lists, or the path of
             a `history.csv` (`keras.callbacks.CSVLogger`).
         num_mistakes: how many of the most confident mistakes to list.
@@ -107,7 +116,10 @@ def evaluate(
     if output_dir is not None and not overwrite:
         atomic.refuse_overwrite(os.path.join(output_dir, "report.json"))
     validation.check_model_data(model, data, task=task, name="data", labeled=False)
-    y_true, y_prob = collect_predictions(model, data)
+    examples = report_module.Examples(task, num_mistakes) if output_dir is not None else None
+    y_true, y_prob = collect_predictions(
+        model, data, on_batch=examples.add if examples is not None else None
+    )
     n = len(y_true)
     if n == 0:
         raise ValueError("evaluate() received empty `data`: it yielded no samples.")
@@ -190,18 +202,25 @@ def evaluate(
             save_figure(plot_training_curves(history), path)
             report.files["training_curves"] = path
         report.files["report"] = os.path.join(output_dir, "report.json")
+        report.files["html"] = os.path.join(output_dir, "report.html")
         atomic.write_json(report.files["report"], report.to_dict(), default=None)
+        report_module.write_report(report, output_dir, model, examples, history)
     return report
 
 
-def collect_predictions(model, data, *, max_batches=None):
-    """Runs `model` over `data`; returns `(labels, predictions)` arrays."""
+def collect_predictions(model, data, *, max_batches=None, on_batch=None):
+    """Runs `model` over `data`; returns `(labels, predictions)` arrays.
+
+    `on_batch(images, labels, predictions)`, if given, sees every batch.
+    """
     labels, predictions = [], []
     for i, (x, y) in enumerate(iterate_batches(data)):
         if max_batches is not None and i >= max_batches:
             break
         predictions.append(np.asarray(model.predict_on_batch(x), dtype="float32"))
         labels.append(y)
+        if on_batch is not None:
+            on_batch(x, y, predictions[-1])
     if not predictions:
         return np.zeros((0,)), np.zeros((0, 0))
     return np.concatenate(labels), np.concatenate(predictions)
@@ -245,80 +264,6 @@ def confusion_matrix(labels, predictions, num_classes):
     """`[true][predicted]` counts as an int array."""
     flat = np.asarray(labels) * num_classes + np.asarray(predictions)
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def plot_confusion_matrix(cm, class_names, title="Confusion matrix"):
-    """A matplotlib `Figure` of a confusion matrix (colour: row-normalised recall)."""
-    cm = np.asarray(cm)
-    num = len(cm)
-    size = min(4 + 0.45 * num, 24)
-    figure = _figure(size, size * 0.85)
-    ax = figure.add_subplot()
-    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set(xticks=range(num), yticks=range(num), xlabel="Predicted", ylabel="True", title=title)
-    ax.set_xticklabels(class_names, rotation=45, ha="right")
-    ax.set_yticklabels(class_names)
-    if num <= 30:
-        for i in range(num):
-            for j in range(num):
-                color = "white" if rates[i, j] > 0.5 else "black"
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", color=color, fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def plot_training_curves(history):
-    """A matplotlib `Figure` with one panel per metric (train and validation)."""
-    history = _history_dict(history)
-    names = [k for k in history if not k.startswith("val_") and k != "epoch"]
-    names += [k[4:] for k in history if k.startswith("val_") and k[4:] not in history]
-    if not names:
-        raise ValueError(f"`history` holds no metrics: {list(history)}.")
-    cols = min(len(names), 3)
-    rows = -(-len(names) // cols)
-    figure = _figure(5 * cols, 3.5 * rows)
-    epochs = history.get("epoch")  # CSVLogger's absolute (0-based) epochs, across phases
-    for i, name in enumerate(names):
-        ax = figure.add_subplot(rows, cols, i + 1)
-        for key, label in ((name, "train"), ("val_" + name, "validation")):
-            if key in history:
-                values = np.asarray(history[key], dtype=float)
-                x = (
-                    np.arange(len(values))
-                    if epochs is None or len(epochs) != len(values)
-                    else epochs
-                )
-                ax.plot(np.asarray(x) + 1, values, marker=".", label=label)
-        ax.set(title=name, xlabel="epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    figure.tight_layout()
-    return figure
-
-
-def save_figure(figure, path):
-    figure.savefig(path, dpi=100)
-
-
-def figure_to_png(figure):
-    """Renders a matplotlib `Figure` to PNG bytes."""
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
-def _figure(width, height):
-    # A pyplot-free figure: safe in threads and does not touch the user's backend.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height))
-    FigureCanvasAgg(figure)
-    return figure
 
 
 def _task(model, task):
@@ -414,20 +359,3 @@ def _is_shuffled(dataset):
     ops = [node.op for node in graph.node]
     ops += [node.op for function in graph.library.function for node in function.node_def]
     return any("Shuffle" in op for op in ops)
-
-
-def _history_dict(history):
-    if hasattr(history, "history"):  # keras.callbacks.History
-        history = history.history
-    if isinstance(history, (str, os.PathLike)):
-        with open(history, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            raise ValueError(f"History file {history} has no rows.")
-        history = {k: [float(r[k]) for r in rows if r[k] != ""] for k in rows[0]}
-    if not isinstance(history, dict):
-        raise TypeError(
-            "Expected `history` to be a keras History, a dict of lists or a history.csv path; "
-            f"received {type(history).__name__}."
-        )
-    return history
