@@ -80,6 +80,9 @@ def fine_tune(
     class_names=None,
     seed=None,
     verbose=1,
+    layer_decay=None,
+    gradual_unfreeze=None,
+    ema=False,
 ):
     """Trains a `build_transfer_model` model in two phases; returns a `FineTuneResult`.
 
@@ -127,6 +130,15 @@ def fine_tune(
             `train_data.class_names`.
         seed: makes weight init of new variables and shuffling repeatable.
         verbose: Keras `fit` verbosity.
+        layer_decay: discriminative learning rates in phase 2 (see
+            `tlkeras.optimizers`): each unfrozen block (or layer) group down
+            from the top trains at `layer_decay` times the rate of the one
+            above (the head at the full rate), or a list of factors, top first.
+        gradual_unfreeze: `True` or N: phase 2 starts with the top group
+            training and adds the next group down every N epochs (ULMFiT).
+        ema: keep an exponential moving average of the weights in phase 2
+            (optimizer `use_ema`); validation, checkpoints and the returned
+            model use the averaged weights.
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -155,6 +167,7 @@ def fine_tune(
         "strategy": strategy if strategy is None or isinstance(strategy, str) else type(strategy).__name__,
         "jit_compile": jit_compile, "cache_features": cache_features,
         "early_stopping": early_stopping, "seed": seed, "class_names": class_names,
+        "layer_decay": layer_decay, "gradual_unfreeze": gradual_unfreeze, "ema": ema,
     }
     run = _RunFolder(log_dir, config)
     policy = config["precision"]
@@ -174,6 +187,7 @@ def fine_tune(
                 working, train_data, validation_data, run, head_epochs, fine_tune_epochs, unfreeze,
                 unfreeze_unit, fine_tune_learning_rate, warmup_epochs, optimizer, label_smoothing,
                 class_weight, metrics, jit_compile, early_stopping, callbacks, class_names, verbose, task,
+                dict(layer_decay=layer_decay, gradual_unfreeze=gradual_unfreeze, ema=ema),
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -309,7 +323,8 @@ def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weig
 
 
 def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup, optimizer,
-            smoothing, class_weight, metrics, jit, patience, extra, class_names, verbose, task):
+            smoothing, class_weight, metrics, jit, patience, extra, class_names, verbose, task,
+            options=None):
     if epochs == 0:
         return
     models.unfreeze(model, depth, unit)
@@ -321,12 +336,16 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
         decay_steps=max(total - warmup_steps, 1), alpha=0.01,
         warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)
     loss, metric_list = loss_and_metrics(task, smoothing, metrics)
-    model.compile(optimizer=make_optimizer(optimizer, schedule), loss=loss, metrics=metric_list, jit_compile=jit)
+    from tlkeras import optimizers
+
+    phase_optimizer, option_callbacks = optimizers.fine_tuning_setup(
+        model, make_optimizer(optimizer, schedule), depth, unit, initial_epoch=head_epochs, **(options or {}))
+    model.compile(optimizer=phase_optimizer, loss=loss, metrics=metric_list, jit_compile=jit)
     strategy = tf.distribute.get_strategy()
     if _multi_worker(strategy):
         _support_multi_worker_fit(model, strategy, train)
-    cbs = run.callbacks(model, model, "phase2", val, class_names, patience, extra, steps=steps,
-                        initial_epoch=head_epochs)
+    cbs = option_callbacks + run.callbacks(model, model, "phase2", val, class_names, patience, extra,
+                                           steps=steps, initial_epoch=head_epochs)
     model.fit(train, validation_data=val, epochs=head_epochs + epochs, initial_epoch=head_epochs,
               class_weight=class_weight, callbacks=cbs, verbose=verbose)
 
