@@ -83,6 +83,7 @@ def fine_tune(
     layer_decay=None,
     gradual_unfreeze=None,
     ema=False,
+    mix=None,
 ):
     """Trains a `build_transfer_model` model in two phases; returns a `FineTuneResult`.
 
@@ -139,6 +140,10 @@ def fine_tune(
         ema: keep an exponential moving average of the weights in phase 2
             (optimizer `use_ema`); validation, checkpoints and the returned
             model use the averaged weights.
+        mix: `"mixup"` or `"cutmix"` (`keras.layers.MixUp` / `CutMix`, see
+            `tlkeras.mixing`): phase 2 trains on mixed batches with soft labels
+            (multiclass only). They run in the input pipeline, so no exported
+            model holds them.
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -167,7 +172,7 @@ def fine_tune(
         "strategy": strategy if strategy is None or isinstance(strategy, str) else type(strategy).__name__,
         "jit_compile": jit_compile, "cache_features": cache_features,
         "early_stopping": early_stopping, "seed": seed, "class_names": class_names,
-        "layer_decay": layer_decay, "gradual_unfreeze": gradual_unfreeze, "ema": ema,
+        "layer_decay": layer_decay, "gradual_unfreeze": gradual_unfreeze, "ema": ema, "mix": mix,
     }
     run = _RunFolder(log_dir, config)
     policy = config["precision"]
@@ -187,7 +192,7 @@ def fine_tune(
                 working, train_data, validation_data, run, head_epochs, fine_tune_epochs, unfreeze,
                 unfreeze_unit, fine_tune_learning_rate, warmup_epochs, optimizer, label_smoothing,
                 class_weight, metrics, jit_compile, early_stopping, callbacks, class_names, verbose, task,
-                dict(layer_decay=layer_decay, gradual_unfreeze=gradual_unfreeze, ema=ema),
+                dict(layer_decay=layer_decay, gradual_unfreeze=gradual_unfreeze, ema=ema, mix=mix, seed=seed),
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -336,18 +341,23 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
         decay_steps=max(total - warmup_steps, 1), alpha=0.01,
         warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)
     loss, metric_list = loss_and_metrics(task, smoothing, metrics)
-    from tlkeras import optimizers
+    from tlkeras import mixing, optimizers
 
+    options = dict(options or {})
+    fit_train, fit_val, loss = mixing.phase_data(
+        train, val, loss, options.pop("mix", None), task, model.output_shape[-1], smoothing,
+        options.pop("seed", None))
     phase_optimizer, option_callbacks = optimizers.fine_tuning_setup(
-        model, make_optimizer(optimizer, schedule), depth, unit, initial_epoch=head_epochs, **(options or {}))
+        model, make_optimizer(optimizer, schedule), depth, unit, initial_epoch=head_epochs,
+        **options)
     model.compile(optimizer=phase_optimizer, loss=loss, metrics=metric_list, jit_compile=jit)
     strategy = tf.distribute.get_strategy()
     if _multi_worker(strategy):
         _support_multi_worker_fit(model, strategy, train)
     cbs = option_callbacks + run.callbacks(model, model, "phase2", val, class_names, patience, extra,
                                            steps=steps, initial_epoch=head_epochs)
-    model.fit(train, validation_data=val, epochs=head_epochs + epochs, initial_epoch=head_epochs,
-              class_weight=class_weight, callbacks=cbs, verbose=verbose)
+    model.fit(fit_train, validation_data=fit_val, epochs=head_epochs + epochs,
+              initial_epoch=head_epochs, class_weight=class_weight, callbacks=cbs, verbose=verbose)
 
 
 class _RunFolder:
