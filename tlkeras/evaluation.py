@@ -67,6 +67,7 @@ def evaluate(
     output_dir=None,
     history=None,
     num_mistakes=10,
+    tta=False,
 ):
     """Evaluates `model` on `data` and writes a report into `output_dir`.
 
@@ -91,11 +92,17 @@ def evaluate(
         history: a `keras.callbacks.History`, a dict of lists, or the path of
             a `history.csv` (`keras.callbacks.CSVLogger`).
         num_mistakes: how many of the most confident mistakes to list.
+        tta: test-time augmentation: average each prediction with the one
+            for the horizontally flipped image (`tlkeras.tta.tta_model`).
 
     Returns:
         An `EvaluationReport`.
     """
     task = _task(model, task)
+    if tta:
+        from tlkeras.tta import tta_model
+
+        model = tta_model(model)
     y_true, y_prob = collect_predictions(model, data)
     n = len(y_true)
     if n == 0:

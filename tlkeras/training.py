@@ -192,7 +192,8 @@ def fine_tune(
                 working, train_data, validation_data, run, head_epochs, fine_tune_epochs, unfreeze,
                 unfreeze_unit, fine_tune_learning_rate, warmup_epochs, optimizer, label_smoothing,
                 class_weight, metrics, jit_compile, early_stopping, callbacks, class_names, verbose, task,
-                dict(layer_decay=layer_decay, gradual_unfreeze=gradual_unfreeze, ema=ema, mix=mix, seed=seed),
+                dict(layer_decay=layer_decay, gradual_unfreeze=gradual_unfreeze, ema=ema, mix=mix,
+                     seed=seed),
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
