@@ -104,10 +104,12 @@ def fine_tune(
         unfreeze: depth for phase 2, an int or `"all"` (default: the whole
             base, which with a low learning rate is the Keras guide's recipe).
         unfreeze_unit: `"blocks"` (the architecture's own blocks) or `"layers"`.
-        learning_rate: phase 1 learning rate (default 1e-3, Adam's usual).
+        learning_rate: phase 1 learning rate (default 1e-3, Adam's usual), or
+            `"find"`: `tlkeras.lr_find`'s suggestion with the base frozen.
         fine_tune_learning_rate: phase 2 peak learning rate; default
             `learning_rate / 20`, within the 10-100x lower range that
-            fine-tuning needs.
+            fine-tuning needs. `"find"`: `tlkeras.lr_find`'s suggestion for
+            phase 2's trainable part, measured after phase 1.
         optimizer: `"adam"`, `"adamw"`, `"sgd"` (momentum 0.9), `"rmsprop"`, or
             a callable `learning_rate -> keras.optimizers.Optimizer`.
         warmup_epochs: phase 2 warm-up length.
@@ -152,6 +154,11 @@ def fine_tune(
     for argument, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"Expected {argument} to be an int >= 0, received {argument}={value!r}.")
+    if learning_rate == "find":  # the learning-rate range test, phase 1's setting (base frozen)
+        from tlkeras.lr_finder import lr_find
+
+        learning_rate = lr_find(model, train_data, phase="head", optimizer=optimizer,
+                                log_dir=log_dir and os.fspath(log_dir), verbose=verbose).suggestion
     fine_tune_learning_rate = fine_tune_learning_rate or learning_rate / 20
     task = models.infer_task(model)
     class_names = class_names or getattr(train_data, "class_names", None)
@@ -188,6 +195,13 @@ def fine_tune(
                 label_smoothing, class_weight, metrics, jit_compile, cache_features, early_stopping,
                 callbacks, class_names, verbose, task,
             )
+            if fine_tune_learning_rate == "find":  # after phase 1, as phase 2 will train
+                from tlkeras.lr_finder import lr_find
+
+                fine_tune_learning_rate = lr_find(
+                    working, train_data, phase="fine_tune", unfreeze=unfreeze,
+                    unfreeze_unit=unfreeze_unit, optimizer=optimizer, log_dir=run.path,
+                    verbose=verbose).suggestion
             _phase2(
                 working, train_data, validation_data, run, head_epochs, fine_tune_epochs, unfreeze,
                 unfreeze_unit, fine_tune_learning_rate, warmup_epochs, optimizer, label_smoothing,
