@@ -58,6 +58,7 @@ from tlkeras.export import ExportError, ExportResult, ExportVerificationError, e
 from tlkeras.training import FineTuneResult, fine_tune  # noqa: E402,F401
 from tlkeras import optimizers  # noqa: E402,F401
 from tlkeras import tta  # noqa: E402,F401
+from tlkeras import cutpoint  # noqa: E402,F401
 from tlkeras.lr_finder import LRFindResult, lr_find  # noqa: E402,F401
 # tlkeras.text registers the layers that text models saved to .keras need.
 from tlkeras import text  # noqa: E402,F401

@@ -84,6 +84,7 @@ def fine_tune(
     gradual_unfreeze=None,
     ema=False,
     mix=None,
+    cache_activations="auto",
 ):
     """Trains a `build_transfer_model` model in two phases; returns a `FineTuneResult`.
 
@@ -146,6 +147,11 @@ def fine_tune(
             `tlkeras.mixing`): phase 2 trains on mixed batches with soft labels
             (multiclass only). They run in the input pipeline, so no exported
             model holds them.
+        cache_activations: phase 2 with the top `unfreeze` blocks trainable
+            runs the frozen part below them once and trains the top on its
+            cached float16 activations (`tlkeras.cutpoint`). `"auto"`: when
+            there is a single cut, no augmentation and no distribution
+            strategy; `True`: an error otherwise; `False`: never.
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -180,6 +186,7 @@ def fine_tune(
         "jit_compile": jit_compile, "cache_features": cache_features,
         "early_stopping": early_stopping, "seed": seed, "class_names": class_names,
         "layer_decay": layer_decay, "gradual_unfreeze": gradual_unfreeze, "ema": ema, "mix": mix,
+        "cache_activations": cache_activations,
     }
     run = _RunFolder(log_dir, config)
     policy = config["precision"]
@@ -207,7 +214,7 @@ def fine_tune(
                 unfreeze_unit, fine_tune_learning_rate, warmup_epochs, optimizer, label_smoothing,
                 class_weight, metrics, jit_compile, early_stopping, callbacks, class_names, verbose, task,
                 dict(layer_decay=layer_decay, gradual_unfreeze=gradual_unfreeze, ema=ema, mix=mix,
-                     seed=seed),
+                     seed=seed, cache_activations=cache_activations),
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -356,22 +363,27 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
         decay_steps=max(total - warmup_steps, 1), alpha=0.01,
         warmup_target=lr if warmup_steps else None, warmup_steps=warmup_steps)
     loss, metric_list = loss_and_metrics(task, smoothing, metrics)
-    from tlkeras import mixing, optimizers
+    from tlkeras import cutpoint, mixing, optimizers
 
     options = dict(options or {})
+    mix, seed = options.pop("mix", None), options.pop("seed", None)
     fit_train, fit_val, loss = mixing.phase_data(
-        train, val, loss, options.pop("mix", None), task, model.output_shape[-1], smoothing,
-        options.pop("seed", None))
+        train, val, loss, mix, task, model.output_shape[-1], smoothing, seed)
+    fit_model, fit_train, fit_val = cutpoint.phase_inputs(
+        model, fit_train, fit_val, depth, unit, options.pop("cache_activations", False),
+        augmented=bool(mix) or _has_augmentation(model, train),
+        distributed=tf.distribute.has_strategy(),
+        cache_dir=run.sub("activation_cache"), verbose=verbose, seed=seed)
     phase_optimizer, option_callbacks = optimizers.fine_tuning_setup(
         model, make_optimizer(optimizer, schedule), depth, unit, initial_epoch=head_epochs,
         **options)
-    model.compile(optimizer=phase_optimizer, loss=loss, metrics=metric_list, jit_compile=jit)
+    fit_model.compile(optimizer=phase_optimizer, loss=loss, metrics=metric_list, jit_compile=jit)
     strategy = tf.distribute.get_strategy()
     if _multi_worker(strategy):
         _support_multi_worker_fit(model, strategy, train)
-    cbs = option_callbacks + run.callbacks(model, model, "phase2", val, class_names, patience, extra,
-                                           steps=steps, initial_epoch=head_epochs)
-    model.fit(fit_train, validation_data=fit_val, epochs=head_epochs + epochs,
+    cbs = option_callbacks + run.callbacks(model, fit_model, "phase2", val, class_names, patience,
+                                           extra, steps=steps, initial_epoch=head_epochs)
+    fit_model.fit(fit_train, validation_data=fit_val, epochs=head_epochs + epochs,
               initial_epoch=head_epochs, class_weight=class_weight, callbacks=cbs, verbose=verbose)
 
 
