@@ -6,9 +6,10 @@ loss diverges, then puts every weight and every layer's `trainable` flag back
 (the model's own compiled optimizer is never touched: the sweep trains a
 twin model sharing its layers, with its own optimizer).
 
-Suggestion rule: **steepest slope** — the learning rate where the smoothed
-loss (exponential moving average, bias-corrected) falls fastest against
-log(learning rate), searched before the loss minimum.
+Suggestion rule: **minimum / 10** — a tenth of the learning rate at which
+the smoothed loss (exponential moving average, bias-corrected) is lowest
+(fastai's "minimum" rule; more robust on short, noisy sweeps than the
+steepest slope).
 
 Example:
 
@@ -42,7 +43,7 @@ class LRFindResult:
     learning_rates: list
     losses: list
     suggestion: float
-    rule: str = "steepest slope of the smoothed loss against log(learning rate)"
+    rule: str = "a tenth of the learning rate at the minimum of the smoothed loss"
     plot_path: str | None = None
     log_dir: str | None = None
 
@@ -105,7 +106,7 @@ def lr_find(model, train_data, *, phase="head", unfreeze="all", unfreeze_unit="b
             layer.trainable = flag
         for variable, value in zip(model.weights, weights):
             variable.assign(value)
-    result = LRFindResult(rates, losses, _steepest(rates, losses), log_dir=log_dir)
+    result = LRFindResult(rates, losses, _suggest(rates, losses), log_dir=log_dir)
     if log_dir:
         result.plot_path = _write(result, log_dir, phase)
     if verbose:
@@ -122,16 +123,14 @@ def _smooth(losses, beta=0.98):
     return np.asarray(out)
 
 
-def _steepest(rates, losses):
+def _suggest(rates, losses):
     finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
     if len(finite) < 3:
         raise ValueError("lr_find: the loss was not finite from the first steps on; "
                          "lower start_lr.")
     rates = np.asarray(rates)[finite]
     smooth = _smooth(np.asarray(losses)[finite])
-    stop = max(int(np.argmin(smooth)), 2)  # only where the loss still falls
-    slopes = np.gradient(smooth[:stop + 1], np.log(rates[:stop + 1]))
-    return float(rates[int(np.argmin(slopes))])
+    return float(max(rates[int(np.argmin(smooth))] / 10, rates[0]))
 
 
 def _write(result, log_dir, phase):
