@@ -60,6 +60,10 @@ from tlkeras.evaluation import EvaluationReport, evaluate  # noqa: E402,F401
 from tlkeras.explain import Explanation, explain, explain_check  # noqa: E402,F401
 from tlkeras.export import ExportError, ExportResult, ExportVerificationError, export_model  # noqa: E402,F401
 from tlkeras.training import FineTuneResult, fine_tune  # noqa: E402,F401
+from tlkeras import optimizers  # noqa: E402,F401
+from tlkeras import tta  # noqa: E402,F401
+from tlkeras import cutpoint  # noqa: E402,F401
+from tlkeras.lr_finder import LRFindResult, lr_find  # noqa: E402,F401
 # tlkeras.text registers the layers that text models saved to .keras need.
 from tlkeras import text  # noqa: E402,F401
 from tlkeras.hub import HubLayer  # noqa: E402,F401

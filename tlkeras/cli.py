@@ -531,7 +531,7 @@ def _add_model_args(parser, head=True):
     g = parser.add_argument_group("augmentation (of the training images; tune: in the model)")
     g.add_argument(
         "--augmentation",
-        choices=("none", "light", "standard", "strong"),
+        choices=("none", "light", "medium", "standard", "strong"),
         default="none",
         help="a preset of tlkeras.data.augmentation_preset",
     )

@@ -404,6 +404,8 @@ def scan_images(path, *, strict=False, report_path=None, num_workers=None):
 
 _PRESETS = {
     "light": dict(rotation=0.05, zoom=0.0, translation=0.0, contrast=0.0, brightness=0.0),
+    "medium": dict(rotation=0.05, zoom=0.0, translation=0.0, contrast=0.0, brightness=0.0,
+                   randaugment=True),
     "standard": dict(rotation=0.1, zoom=0.1, translation=0.1, contrast=0.1, brightness=0.0),
     "strong": dict(rotation=0.2, zoom=0.2, translation=0.15, contrast=0.3, brightness=0.2),
 }
@@ -412,9 +414,11 @@ _PRESETS = {
 def augmentation_preset(preset="standard", *, seed=None, name="augmentation"):
     """A ``keras.Sequential`` of random preprocessing layers for [0, 255] images.
 
-    Presets: ``"light"`` (horizontal flip, small rotation), ``"standard"``
+    Presets: ``"light"`` (horizontal flip, small rotation), ``"medium"``
+    (``"light"`` + ``keras.layers.RandAugment``, two random ops per image), ``"standard"``
     (+ zoom, translation, contrast) and ``"strong"`` (larger ranges, +
-    brightness). The layers only act with ``training=True``. ``seed`` makes
+    brightness). The layers only act with ``training=True``. MixUp and CutMix
+    need the labels, so they are not here: see ``tlkeras.fine_tune(mix=...)``. ``seed`` makes
     them repeatable; ``name`` names the Sequential.
 
     Example:
@@ -437,6 +441,8 @@ def augmentation_preset(preset="standard", *, seed=None, name="augmentation"):
         layers.append(L.RandomContrast(p["contrast"], value_range=(0, 255), seed=seed))
     if p["brightness"]:
         layers.append(L.RandomBrightness(p["brightness"], value_range=(0, 255), seed=seed))
+    if p.get("randaugment"):
+        layers.append(L.RandAugment(value_range=(0, 255), seed=seed))
     return keras.Sequential(layers, name=name)
 
 

@@ -8,9 +8,10 @@ scikit-learn (the 8x8 handwritten digits, randomly shifted and rotated on a
    (with more random shifts and rotations) and saved as `pretrained_base.keras`.
 2. Target task: digits 5-9 with only `k` labels per class, for several label
    budgets `k`. Transfer: `tlkeras.build_transfer_model(<pretrained base>)`
-   + `tlkeras.fine_tune` (head on the frozen base, then the whole base at a low
-   learning rate). Scratch: the same network, randomly initialized and
-   trained end to end with the same head.
+   + `tlkeras.fine_tune` (head on the frozen base, then the whole base with
+   learning rates decaying 0.7x per block down from the head, `layer_decay=0.7`).
+   Scratch: the same network, randomly initialized and trained end to end
+   with the same head.
 3. Both are scored on the same held-out digits 5-9 (averaged over seeds), the
    table is printed and saved, and every run's TensorBoard logs are written
    under the run folder.
@@ -166,9 +167,9 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
                     keras.saving.load_model(base_path), num_classes=5, weights=None)
                 tlkeras.fine_tune(
                     model, tlkeras.data.from_arrays(xs, ys, batch_size=BATCH_SIZE, seed=seed),
-                    head_epochs=5, fine_tune_epochs=3, head_learning_rate=1e-2,
-                    fine_tune_learning_rate=1e-3, run_dir=os.path.join(run_dir, f"transfer_{tag}"),
-                    seed=seed, verbose=verbose)
+                    head_epochs=5, fine_tune_epochs=6, head_learning_rate=1e-2,
+                    fine_tune_learning_rate=3e-3, layer_decay=0.7,
+                    run_dir=os.path.join(run_dir, f"transfer_{tag}"), seed=seed, verbose=verbose)
                 transfer = _accuracy(model, test)
 
                 keras.utils.set_random_seed(seed)

@@ -19,6 +19,7 @@ from tlkeras import atomic, validation
 from tlkeras.anatomy import TASKS, infer_task
 from tlkeras import report as report_module
 from tlkeras.continual import step_accuracies
+from tlkeras.tta import tta_model
 from tlkeras.plots import (  # noqa: F401 - public here too
     figure_to_png,
     plot_confusion_matrix,
@@ -76,6 +77,7 @@ def evaluate(
     num_mistakes=10,
     class_steps=None,
     overwrite=False,
+    tta=False,
 ):
     """Evaluates `model` on `data` and writes a report into `output_dir`.
 
@@ -108,6 +110,8 @@ def evaluate(
             `old_class_accuracy` and `new_class_accuracy` (the last step's
             classes) are reported too.
         overwrite: replace a report already in `output_dir` (default: refuse).
+        tta: test-time augmentation: average each prediction with the one
+            for the horizontally flipped image (`tlkeras.tta.tta_model`).
 
     Returns:
         An `EvaluationReport`.
@@ -117,8 +121,9 @@ def evaluate(
         atomic.refuse_overwrite(os.path.join(output_dir, "report.json"))
     validation.check_model_data(model, data, task=task, name="data", labeled=False)
     examples = report_module.Examples(task, num_mistakes) if output_dir is not None else None
+    predictor = tta_model(model) if tta else model  # Grad-CAM in the report uses `model`
     y_true, y_prob = collect_predictions(
-        model, data, on_batch=examples.add if examples is not None else None
+        predictor, data, on_batch=examples.add if examples is not None else None
     )
     n = len(y_true)
     if n == 0:

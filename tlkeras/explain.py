@@ -244,8 +244,7 @@ def load_callable(path):
     if os.path.isdir(path) and os.path.isfile(inside):
         path = inside
     if path.endswith(".keras") and os.path.isfile(path):
-        import tlkeras  # noqa: F401 - registers tlkeras layers
-
+        # importing any tlkeras module ran tlkeras/__init__, which registers every tlkeras layer
         return keras.saving.load_model(path, compile=False)
     raise ValueError(
         f"explain(): cannot load a model from {path!r}: expected a .keras or .tflite file, an "

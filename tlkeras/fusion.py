@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import models
+from tlkeras import evaluation, models, training
 from tlkeras.layers import InferenceMode
 
 __all__ = ["METHODS", "DistillResult", "LogProbabilities", "MemberAverage", "calibration_error",
@@ -249,8 +249,6 @@ def _branch(member, size, index):
 
 def _member_outputs(branches, data, size):
     """`(labels, probabilities (members, N, K))` of each member on `data`."""
-    from tlkeras import evaluation
-
     labels, outputs = [], [[] for _ in branches]
     for x, y in evaluation.iterate_batches(data):
         x = np.asarray(x, "float32")
@@ -384,8 +382,6 @@ def _clone(model, name):
 
 
 def _soup_scores(model, data):
-    from tlkeras import evaluation
-
     labels, probabilities = evaluation.collect_predictions(model, data)
     if labels.ndim == 2 and labels.shape[-1] > 1:
         labels = labels.argmax(-1)
@@ -500,8 +496,6 @@ def distill(
     >>> result.model.input_shape
     (None, 224, 224, 3)
     """
-    from tlkeras import training
-
     if seed is not None:
         keras.utils.set_random_seed(seed)
     if not 0.0 <= alpha <= 1.0:

@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import anatomy, atomic, augmentation, data, deprecation, features, models, phases
-from tlkeras import runs, validation
+from tlkeras import cutpoint, lr_finder, mixing, optimizers, runs, validation
 from tlkeras import callbacks as tb
 from tlkeras.phases import (  # noqa: F401 - public here too
     _SparseSmoothedCrossentropy,
@@ -98,6 +98,11 @@ def fine_tune(
     class_names=None,
     seed=None,
     verbose=1,
+    layer_decay=None,
+    gradual_unfreeze=None,
+    ema=False,
+    mix=None,
+    cache_activations="auto",
     learning_rate=None,
     log_dir=None,
 ):
@@ -121,10 +126,12 @@ def fine_tune(
         unfreeze: depth for phase 2, an int or `"all"` (default: the whole
             base, which with a low learning rate is the Keras guide's recipe).
         unfreeze_unit: `"blocks"` (the architecture's own blocks) or `"layers"`.
-        head_learning_rate: phase 1 learning rate (default 1e-3, Adam's usual).
+        head_learning_rate: phase 1 learning rate (default 1e-3, Adam's usual), or
+            `"find"`: `tlkeras.lr_find`'s suggestion with the base frozen.
         fine_tune_learning_rate: phase 2 peak learning rate; default
             `head_learning_rate / 20`, within the 10-100x lower range that
-            fine-tuning needs.
+            fine-tuning needs. `"find"`: `tlkeras.lr_find`'s suggestion for
+            phase 2's trainable part, measured after phase 1.
         optimizer: `"adam"`, `"adamw"`, `"sgd"` (momentum 0.9), `"rmsprop"`, or
             a callable `learning_rate -> keras.optimizers.Optimizer`.
         warmup_epochs: phase 2 warm-up length (at most a tenth of the phase; see
@@ -149,6 +156,24 @@ def fine_tune(
             `train_data.class_names`.
         seed: makes weight init of new variables and shuffling repeatable.
         verbose: Keras `fit` verbosity.
+        layer_decay: discriminative learning rates in phase 2 (see
+            `tlkeras.optimizers`): each unfrozen block (or layer) group down
+            from the top trains at `layer_decay` times the rate of the one
+            above (the head at the full rate), or a list of factors, top first.
+        gradual_unfreeze: `True` or N: phase 2 starts with the top group
+            training and adds the next group down every N epochs (ULMFiT).
+        ema: keep an exponential moving average of the weights in phase 2
+            (optimizer `use_ema`); validation, checkpoints and the returned
+            model use the averaged weights.
+        mix: `"mixup"` or `"cutmix"` (`keras.layers.MixUp` / `CutMix`, see
+            `tlkeras.mixing`): phase 2 trains on mixed batches with soft labels
+            (multiclass only). They run in the input pipeline, so no exported
+            model holds them.
+        cache_activations: phase 2 with the top `unfreeze` blocks trainable
+            runs the frozen part below them once and trains the top on its
+            cached float16 activations (`tlkeras.cutpoint`). `"auto"`: when
+            there is a single cut, no augmentation and no distribution
+            strategy; `True`: an error otherwise; `False`: never.
         learning_rate, log_dir: deprecated names of `head_learning_rate`, `run_dir`.
     """
     if learning_rate is not None:
@@ -164,8 +189,13 @@ def fine_tune(
     for argument, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"Expected {argument} to be an int >= 0, received {argument}={value!r}.")
-    validation.check_positive(learning_rate=learning_rate,
-                              fine_tune_learning_rate=fine_tune_learning_rate)
+    if learning_rate == "find":  # the learning-rate range test, phase 1's setting (base frozen)
+        learning_rate = lr_finder.lr_find(model, train_data, phase="head", optimizer=optimizer,
+                                          log_dir=log_dir and os.fspath(log_dir),
+                                          verbose=verbose).suggestion
+    validation.check_positive(learning_rate=learning_rate)
+    if fine_tune_learning_rate != "find":
+        validation.check_positive(fine_tune_learning_rate=fine_tune_learning_rate)
     if isinstance(optimizer, str):
         make_optimizer(optimizer, learning_rate)  # an unknown name fails before anything runs
     train_data = validation.check_model_data(model, train_data, name="train_data")
@@ -191,6 +221,8 @@ def fine_tune(
         "strategy": strategy if strategy is None or isinstance(strategy, str) else type(strategy).__name__,
         "jit_compile": jit_compile, "cache_features": cache_features,
         "early_stopping": early_stopping, "seed": seed, "class_names": class_names,
+        "layer_decay": layer_decay, "gradual_unfreeze": gradual_unfreeze, "ema": ema, "mix": mix,
+        "cache_activations": cache_activations,
     }
     run = _RunFolder(log_dir, config)
     policy = config["precision"]
@@ -206,10 +238,17 @@ def fine_tune(
                 label_smoothing, class_weight, metrics, jit_compile, cache_features, early_stopping,
                 callbacks, class_names, verbose, task,
             )
+            if fine_tune_learning_rate == "find":  # after phase 1, as phase 2 will train
+                fine_tune_learning_rate = lr_finder.lr_find(
+                    working, train_data, phase="fine_tune", unfreeze=unfreeze,
+                    unfreeze_unit=unfreeze_unit, optimizer=optimizer, log_dir=run.path,
+                    verbose=verbose).suggestion
             _phase2(
                 working, train_data, validation_data, run, head_epochs, fine_tune_epochs, unfreeze,
                 unfreeze_unit, fine_tune_learning_rate, warmup_epochs, optimizer, label_smoothing,
                 class_weight, metrics, jit_compile, early_stopping, callbacks, class_names, verbose, task,
+                dict(layer_decay=layer_decay, gradual_unfreeze=gradual_unfreeze, ema=ema, mix=mix,
+                     seed=seed, cache_activations=cache_activations),
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -290,7 +329,7 @@ def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weig
                             steps_per_execution=per_call)
     strategy = tf.distribute.get_strategy()
     if _multi_worker(strategy):
-        _support_multi_worker_fit(fit_model, strategy, fit_train)
+        _support_multi_worker_fit(model, strategy, train)
     cbs = run.callbacks(model, fit_model, "phase1", val, class_names, patience, extra, steps=None)
     fit_model.fit(fit_train, validation_data=fit_val, epochs=epochs, class_weight=class_weight,
                   callbacks=cbs, verbose=verbose)
@@ -299,21 +338,35 @@ def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weig
 
 
 def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup, optimizer,
-            smoothing, class_weight, metrics, jit, patience, extra, class_names, verbose, task):
+            smoothing, class_weight, metrics, jit, patience, extra, class_names, verbose, task,
+            options=None):
     if epochs == 0:
         return
     models.unfreeze(model, depth, unit)
     steps = phases.steps_per_epoch(train)
     schedule = phases.fine_tune_schedule(lr, steps, epochs, warmup_epochs=warmup)
-    phases.compile_for_task(model, task, optimizer=optimizer, learning_rate=schedule,
-                            label_smoothing=smoothing, metrics=metrics, jit_compile=jit)
+    loss, metric_list = loss_and_metrics(task, smoothing, metrics)
+    options = dict(options or {})
+    mix, seed = options.pop("mix", None), options.pop("seed", None)
+    fit_train, fit_val, loss = mixing.phase_data(
+        train, val, loss, mix, task, model.output_shape[-1], smoothing, seed)
+    fit_model, fit_train, fit_val = cutpoint.phase_inputs(
+        model, fit_train, fit_val, depth, unit, options.pop("cache_activations", False),
+        augmented=bool(mix) or _has_augmentation(model, train),
+        distributed=tf.distribute.has_strategy(),
+        cache_dir=run.sub("activation_cache"), verbose=verbose, seed=seed)
+    phase_optimizer, option_callbacks = optimizers.fine_tuning_setup(
+        model, make_optimizer(optimizer, schedule), depth, unit, initial_epoch=head_epochs,
+        **options)
+    fit_model.compile(optimizer=phase_optimizer, loss=loss, metrics=metric_list, jit_compile=jit)
     strategy = tf.distribute.get_strategy()
     if _multi_worker(strategy):
         _support_multi_worker_fit(model, strategy, train)
-    cbs = run.callbacks(model, model, "phase2", val, class_names, patience, extra, steps=steps,
-                        initial_epoch=head_epochs)
-    model.fit(train, validation_data=val, epochs=head_epochs + epochs, initial_epoch=head_epochs,
-              class_weight=class_weight, callbacks=cbs, verbose=verbose)
+    cbs = option_callbacks + run.callbacks(model, fit_model, "phase2", val, class_names, patience,
+                                           extra, steps=steps, initial_epoch=head_epochs)
+    fit_model.fit(fit_train, validation_data=fit_val, epochs=head_epochs + epochs,
+                  initial_epoch=head_epochs, class_weight=class_weight, callbacks=cbs,
+                  verbose=verbose)
 
 
 class _RunFolder:

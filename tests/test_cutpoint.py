@@ -1,0 +1,67 @@
+"""Cut-point activation cache: same weights as recomputing, rebuilt when the frozen part changes."""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tlkeras
+from conftest import digits_rgb
+from test_training import tiny_base
+from tlkeras import cutpoint
+
+# float16 activations: the weights after one epoch match recomputing to this tolerance.
+RTOL, ATOL = 2e-2, 2e-4
+
+
+def test_cached_top_trains_like_the_full_model_and_cache_follows_the_frozen_weights(tmp_path):
+    x, y = digits_rgb(32, classes=[5, 6, 7])
+    data = tf.data.Dataset.from_tensor_slices((x[:96], y[:96])).batch(32)
+    keras.utils.set_random_seed(0)
+    full = tlkeras.build_transfer_model(tiny_base(), 3, dropout=0.0)
+    cached_model = tlkeras.build_transfer_model(tiny_base(), 3, dropout=0.0)
+    cached_model.set_weights(full.get_weights())
+    for model in (full, cached_model):
+        tlkeras.unfreeze(model, 1, unit="blocks")  # conv3 (+ its frozen BatchNorm)
+    bottom, top = cutpoint.split_at(cached_model, 1)
+    assert [l.name for l in top.layers[1].layer.layers[1:]] == ["conv3", "bn3"]
+    start = tlkeras.get_base(full).get_layer("conv3").kernel.numpy().copy()
+    first = cutpoint.cut_activations(bottom, data, cache_dir=tmp_path, key="train", verbose=0)
+    assert first.activations.dtype == np.float16 and first.activations.shape == (96, 14, 14, 32)
+    full.compile(keras.optimizers.SGD(0.2), "sparse_categorical_crossentropy")
+    top.compile(keras.optimizers.SGD(0.2), "sparse_categorical_crossentropy")
+    full.fit(data, epochs=1, verbose=0)
+    top.fit(first.dataset(32, shuffle=False), epochs=1, verbose=0)
+    for a, b in zip(full.get_weights(), cached_model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    kernels = [tlkeras.get_base(m).get_layer("conv3").kernel.numpy() for m in (full, cached_model)]
+    moved, differ = np.abs(kernels[0] - start).max(), np.abs(kernels[0] - kernels[1]).max()
+    assert differ < moved / 20, (differ, moved)  # far below what the epoch changed
+    # The cache is keyed on the frozen weights: same weights load it, changed ones rebuild it.
+    again = cutpoint.cut_activations(bottom, data, cache_dir=tmp_path, key="train", verbose=0)
+    assert again.cache_path == first.cache_path
+    conv1 = tlkeras.get_base(cached_model).get_layer("conv1")
+    conv1.kernel.assign(conv1.kernel * 0.5)
+    rebuilt = cutpoint.cut_activations(bottom, data, cache_dir=tmp_path, key="train", verbose=0)
+    assert rebuilt.cache_path != first.cache_path
+    assert not np.allclose(rebuilt.activations, first.activations)
+    assert len(os.listdir(tmp_path)) == 2
+    assert cutpoint.split_at(cached_model, "all") is None  # nothing frozen to cache
+
+
+def test_fine_tune_uses_the_cache_only_without_augmentation(tmp_path):
+    x, y = digits_rgb(32, classes=[5, 6, 7])
+    train = tlkeras.data.from_arrays(x[:64], y[:64], batch_size=32, seed=0)
+    val = tlkeras.data.from_arrays(x[64:96], y[64:96], batch_size=32, shuffle=False)
+    keras.utils.set_random_seed(0)
+    model = tlkeras.build_transfer_model(tiny_base(), 3)
+    before = tlkeras.get_base(model).get_layer("conv3").kernel.numpy().copy()
+    result = tlkeras.fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=2, unfreeze=1,
+                               log_dir=tmp_path / "run", seed=0, verbose=0)
+    assert len(os.listdir(tmp_path / "run" / "activation_cache")) == 2  # train + validation
+    assert not np.allclose(before, tlkeras.get_base(model).get_layer("conv3").kernel.numpy())
+    assert np.isfinite(result.history["val_loss"]).all() and len(result.history["loss"]) == 3
+    result = tlkeras.fine_tune(model, train, val, head_epochs=0, fine_tune_epochs=1, unfreeze=1,
+                               mix="mixup", log_dir=tmp_path / "mixed", verbose=0)
+    assert not os.path.exists(tmp_path / "mixed" / "activation_cache")

@@ -1,0 +1,173 @@
+"""Cut-point activation cache: fine-tune the top blocks without re-running the frozen bottom.
+
+With the top k blocks of the base unfrozen and no augmentation, the frozen
+part below them maps each image to the same activations in every epoch.
+`split_at` cuts a transfer model there into `bottom` (images -> activations at
+the cut) and `top` (activations -> predictions), both sharing the model's
+layers; `cut_activations` runs `bottom` once over a dataset and keeps the
+activations in float16 (in memory, and on disk when given a folder), keyed
+by a fingerprint of the bottom's weights and the data, so a changed frozen
+part or other data compute them again. Training `top` on them trains the
+model in place. `tlkeras.fine_tune` does this in phase 2 by itself
+(`cache_activations="auto"`); float16 storage makes the weights differ from
+recomputing by a relative ~1e-3 after an epoch (see tests/test_cutpoint.py).
+
+Example:
+
+>>> import keras, numpy as np, tensorflow as tf, tlkeras
+>>> from tlkeras import cutpoint
+>>> base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3, name="c1"),
+...                          keras.layers.Conv2D(4, 3, name="c2")], name="cnn")
+>>> model = tlkeras.build_transfer_model(base, 2)
+>>> bottom, top = cutpoint.split_at(model, 1)
+>>> data = tf.data.Dataset.from_tensor_slices(
+...     (np.zeros((8, 16, 16, 3), "uint8"), np.zeros(8, "int32"))).batch(4)
+>>> cached = cutpoint.cut_activations(bottom, data, verbose=0)
+>>> cached.activations.shape, cached.activations.dtype
+((8, 14, 14, 4), dtype('float16'))
+"""
+
+import dataclasses
+import logging
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkeras import features, models
+from tlkeras.layers import InferenceMode
+
+logger = logging.getLogger("tlkeras")
+
+__all__ = ["CutActivations", "cut_activations", "split_at"]
+
+DEFAULT_BUDGET = 2 * 2**30  # bytes of float16 activations kept per dataset
+
+
+@dataclasses.dataclass
+class CutActivations:
+    """Activations at the cut (float16) and their labels; `cache_path` when on disk."""
+
+    activations: np.ndarray
+    labels: np.ndarray | None
+    cache_path: str | None = None
+
+    def dataset(self, batch_size, shuffle, seed=None):
+        """Batches of `(float32 activations, labels)`, shuffled each epoch when `shuffle`."""
+        elements = (self.activations, self.labels)
+        ds = tf.data.Dataset.from_tensor_slices(elements)
+        if shuffle:
+            ds = ds.shuffle(len(self.activations), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).map(lambda a, y: (tf.cast(a, tf.float32), y)).prefetch(
+            tf.data.AUTOTUNE)
+
+
+def split_at(model, depth, unit="blocks"):
+    """`(bottom, top)` cut below the top `depth` blocks (or layers) of the base, or `None`.
+
+    `bottom`: images -> activations entering the top `depth` blocks (the
+    frozen part, with the model's preprocessing, no augmentation). `top`:
+    those activations -> the model's output. Both share `model`'s layers.
+    `None` when there is nothing below to freeze (`"all"`, or `depth` >= the
+    number of blocks) or when the blocks above the cut take more than one
+    tensor from below it (no single cut).
+    """
+    base = models.get_base(model)
+    if not isinstance(base, keras.Model):
+        return None
+    groups = models.base_blocks(base) if unit == "blocks" else [
+        (layer.name, [layer]) for layer in models._base_layers(base)]
+    if depth == "all" or not depth or depth >= len(groups):
+        return None
+    first = groups[len(groups) - depth][1][0]
+    cut = first._inbound_nodes[0].input_tensors if first._inbound_nodes else []
+    if len(cut) != 1:
+        return None
+    try:
+        upper = keras.Model(cut[0], base.outputs[0], name=f"{base.name}_top")
+    except ValueError:  # a layer above needs another tensor from below the cut
+        return None
+    expected = {id(layer) for _, layers in groups[len(groups) - depth:] for layer in layers}
+    if {id(layer) for layer in upper.layers[1:]} != expected:
+        return None
+    lower = keras.Model(base.inputs, cut[0], name=f"{base.name}_bottom")
+    image = keras.Input(tuple(model.input_shape[1:]), name="image")
+    bottom = keras.Model(image, InferenceMode(lower)(model.get_layer("preprocessing")(image)),
+                         name=f"{model.name}_bottom")
+    activations = keras.Input(tuple(cut[0].shape[1:]), name="cut_activations")
+    x = InferenceMode(upper)(activations)
+    head = model.layers[model.layers.index(model.get_layer("features")):]
+    for layer in head:  # "features" and the head: a chain, as in models.split_model
+        x = layer(x)
+    return bottom, keras.Model(activations, x, name=f"{model.name}_top")
+
+
+def cut_activations(bottom, dataset, *, cache_dir=None, key=None, budget_bytes=DEFAULT_BUDGET,
+                    verbose=1):
+    """Runs `bottom` once over `dataset` of `(images, labels)`; a `CutActivations`, or `None`.
+
+    With `cache_dir`, saved to / loaded from `<cache_dir>/<fingerprint>.npz`,
+    the fingerprint covering `bottom`'s architecture and weights, the element
+    spec and `dataset.file_paths` (or `key`; required without file paths).
+    `None` when the activations would exceed `budget_bytes`.
+    """
+    path = None
+    if cache_dir is not None:
+        path = os.path.join(os.fspath(cache_dir), "cut_" + features._cache_key(bottom, dataset, key)
+                            + ".npz")
+        if os.path.exists(path):
+            with np.load(path) as f:
+                return CutActivations(f["activations"], f["labels"], path)
+    spec = dataset.element_spec[0]
+    step = tf.function(lambda x: tf.cast(bottom(x, training=False), tf.float16),
+                       input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
+    per_sample = 2 * int(np.prod(bottom.output.shape[1:]))
+    steps = int(dataset.cardinality())
+    bar = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, unit_name="batch")
+    chunks, labels, size = [], [], 0
+    for i, (x, y, *_) in enumerate(dataset):
+        size += per_sample * int(tf.shape(x)[0])
+        if size > budget_bytes:
+            logger.info("Cut-point activations exceed %d bytes; not cached.", budget_bytes)
+            return None
+        chunks.append(step(x))
+        labels.append(np.asarray(y))
+        bar.update(i + 1)
+    out = CutActivations(tf.concat(chunks, 0).numpy(), np.concatenate(labels), path)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, activations=out.activations, labels=out.labels)
+        os.replace(tmp, path)
+    return out
+
+
+def phase_inputs(model, train, val, depth, unit, cache_activations, *, augmented, distributed,
+                 cache_dir=None, verbose=0, seed=None):
+    """`(fit_model, train, val)` for `fine_tune`'s phase 2: the top on cached activations, or as is.
+
+    `cache_activations`: `"auto"` (on when it can be: a single cut below the
+    top `depth` blocks, no augmentation, no distribution strategy), `True`
+    (an error when it cannot), or `False`.
+    """
+    if cache_activations is False:
+        return model, train, val
+    reason = ("the training data is augmented (in the model, the pipeline or mix=)" if augmented
+              else "a distribution strategy is in use" if distributed else None)
+    parts = None if reason else split_at(model, depth, unit)
+    if parts is None and reason is None:
+        reason = f"unfreeze={depth!r} leaves no single cut below the trainable blocks"
+    if reason:
+        if cache_activations is True:
+            raise ValueError(f"cache_activations=True, but {reason}. Use 'auto' or False.")
+        return model, train, val
+    bottom, top = parts
+    batch = next(iter(train))[0].shape[0]
+    cached = cut_activations(bottom, train, cache_dir=cache_dir, key="train", verbose=verbose)
+    cached_val = None if val is None or cached is None else cut_activations(
+        bottom, val, cache_dir=cache_dir, key="validation", verbose=verbose)
+    if cached is None or (val is not None and cached_val is None):
+        return model, train, val
+    fit_val = None if cached_val is None else cached_val.dataset(next(iter(val))[0].shape[0], False)
+    return top, cached.dataset(batch, True, seed), fit_val
