@@ -190,7 +190,8 @@ def test_regression_matches_sklearn(tmp_path):
     assert report.metrics["mae"] == pytest.approx(skm.mean_absolute_error(y, predicted), rel=1e-5)
     assert report.metrics["mse"] == pytest.approx(skm.mean_squared_error(y, predicted), rel=1e-5)
     assert report.metrics["r2"] == pytest.approx(skm.r2_score(y, predicted), rel=1e-5)
-    assert report.files == {"report": str(tmp_path / "report.json")}
+    assert report.files == {"report": str(tmp_path / "report.json"),
+                            "html": str(tmp_path / "report.html")}
 
 
 def test_clear_errors():
