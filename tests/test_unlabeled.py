@@ -1,5 +1,6 @@
 """tlkeras.unlabeled: SimCLR pretraining, CORAL/DANN adaptation, clustering and retrieval."""
 
+import json
 import logging
 import os
 
@@ -96,6 +97,32 @@ def test_pretrain_adapts_base_and_transfer_model_in_place(tmp_path):
 
     with pytest.raises(ValueError, match="method='simclr'"):
         tlkeras.pretrain(base, x[:8], method="byol")
+
+
+def test_pretrain_mixed_precision_and_strategy():
+    x, _ = digits_rgb(16)
+    keras.utils.set_random_seed(0)
+    policy = keras.mixed_precision.global_policy().name
+    # Mixed precision: a transfer model (float32) trains through a mixed_float16 copy.
+    model = tlkeras.build_transfer_model(small_cnn(), 3, weights=None)
+    before = [w.copy() for w in tlkeras.get_base(model).get_weights()]
+    result = tlkeras.pretrain(model, x[:64], epochs=1, batch_size=32, precision="mixed_float16",
+                              seed=0, verbose=0)
+    assert result.model is model
+    assert np.all(np.isfinite(result.history["loss"]))
+    assert any(not np.allclose(a, b)
+               for a, b in zip(before, tlkeras.get_base(model).get_weights()))
+    assert all(w.dtype == "float32" for w in model.weights)
+    assert keras.mixed_precision.global_policy().name == policy
+    # A distribution strategy: a plain base, trained in the strategy's scope.
+    base = small_cnn()
+    before = [w.copy() for w in base.get_weights()]
+    result = tlkeras.pretrain(base, x[:64], epochs=1, batch_size=32, seed=0, verbose=0,
+                              strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+    assert result.model is base and np.all(np.isfinite(result.history["loss"]))
+    assert any(not np.allclose(a, b) for a, b in zip(before, base.get_weights()))
+    with pytest.raises(ValueError, match="precision="):
+        tlkeras.pretrain(base, x[:8], precision="float16")
 
 
 def test_gradient_reversal_reverses_gradient_and_saves_in_safe_mode(tmp_path):
@@ -224,9 +251,13 @@ def test_cli_pretrain_adapt_cluster(digits_base, tmp_path, capsys):
     model.save(tmp_path / "model.keras")
 
     assert cli.main(["pretrain", "--model", digits_base, "--unlabeled_dir", tmp_path / "target",
-                     "--run_dir", tmp_path / "run", "--epochs", "1", "--batch_size", "16"]) == 0
+                     "--run_dir", tmp_path / "run", "--epochs", "1", "--batch_size", "16",
+                     "--precision", "mixed_float16"]) == 0
     adapted = keras.saving.load_model(tmp_path / "run" / "model.keras")
     assert adapted.output_shape == (None, 4, 4, 32)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["precision"] == "mixed_float16"
+    assert all(w.dtype == "float32" for w in adapted.weights)
 
     assert cli.main(["adapt", "--model", tmp_path / "model.keras", "--image_dir",
                      tmp_path / "source", "--target_dir", tmp_path / "target", "--epochs", "2",

@@ -418,6 +418,9 @@ def _add_unlabeled_commands(add):
     pretrain.add_argument("--batch_size", type=_number(int, 2), default=64)
     pretrain.add_argument("--learning_rate", type=_number(float, 0, low_open=True), default=1e-3)
     pretrain.add_argument("--temperature", type=_number(float, 0, low_open=True), default=0.1)
+    pretrain.add_argument("--precision", choices=("auto", "float32", "mixed_float16",
+                                                  "mixed_bfloat16"), default="auto",
+                          help="auto: mixed_float16 on recent NVIDIA GPUs, else float32")
     pretrain.add_argument("--seed", type=int, default=42)
 
     adapt = add("adapt", "Unsupervised domain adaptation of a trained transfer model toward a "
@@ -1074,7 +1077,8 @@ def cmd_pretrain(args):
     images = _unlabeled_images(model, args.unlabeled_dir, args.batch_size, args.seed)
     result = tlkeras.pretrain(model, images, epochs=args.epochs,
                               learning_rate=args.learning_rate, temperature=args.temperature,
-                              run_dir=args.run_dir, seed=args.seed, verbose=_verbose())
+                              precision=args.precision, run_dir=args.run_dir, seed=args.seed,
+                              verbose=_verbose())
     loss = result.history.get("loss") or [float("nan")]  # empty when a finished run resumes
     print(f"NT-Xent loss {loss[0]:.4f} -> {loss[-1]:.4f}; adapted model: "
           f"{result.paths['model.keras']}")

@@ -579,7 +579,7 @@ def _support_multi_worker_fit(model, strategy, dataset):
 
 def _prepare(model, policy, strategy):
     """The model to train: `model` itself, or a copy rebuilt under `policy` / in `strategy`."""
-    base = models.get_base(model)
+    base = models.get_base(model) if "features" in {layer.name for layer in model.layers} else model
     same_policy = base.dtype_policy.name == policy
     default_strategy = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
     if same_policy and default_strategy:

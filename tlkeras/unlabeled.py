@@ -333,8 +333,9 @@ class _SimCLR(keras.Model):
             z1 = self.projection_head(self.encoder(view1, training=False), training=True)
             z2 = self.projection_head(self.encoder(view2, training=False), training=True)
             loss, targets, logits = self.nt_xent(ops.cast(z1, "float32"), ops.cast(z2, "float32"))
+            scaled = self.optimizer.scale_loss(loss)  # loss scaling under mixed_float16
         variables = self.encoder.trainable_weights + self.projection_head.trainable_weights
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         self.loss_tracker.update_state(loss)
         self.accuracy.update_state(targets, logits)
         return {m.name: m.result() for m in self.metrics}
@@ -366,7 +367,7 @@ def _encoder(base_or_model):
 
 def pretrain(base_or_model, unlabeled_data, *, method="simclr", epochs=10, batch_size=64,
              learning_rate=1e-3, temperature=0.1, projection_units=128, augmentation=None,
-             run_dir=None, seed=None, verbose=1):
+             run_dir=None, precision="auto", strategy=None, seed=None, verbose=1):
     """Continues training a pretrained base on unlabeled images with SimCLR.
 
     Two random views of each image (`augmentation`) go through the base and a
@@ -395,6 +396,14 @@ def pretrain(base_or_model, unlabeled_data, *, method="simclr", epochs=10, batch
         run_dir: the run folder: `config.json`, `history.csv`, TensorBoard
             `logs/`, resume state under `backup/` (started again with the same
             folder, a killed run resumes) and `model.keras` (the adapted object).
+        precision: as in `fine_tune`: `"auto"` (mixed_float16 on NVIDIA GPUs
+            of compute capability >= 7.0, else float32), `"float32"`,
+            `"mixed_float16"` or `"mixed_bfloat16"`. NT-Xent is computed in float32; the model
+            returned keeps its float32 variables, and the global policy is
+            restored afterwards.
+        strategy: as in `fine_tune`: `None`/`"auto"`, `"mirrored"`,
+            `"multiworker"` or a `tf.distribute.Strategy`. The negatives of a
+            view are the other images of its replica's batch.
         seed: random seed.
         verbose: Keras progress output.
 
@@ -416,6 +425,9 @@ def pretrain(base_or_model, unlabeled_data, *, method="simclr", epochs=10, batch
     if not isinstance(base_or_model, keras.Model):
         raise TypeError("pretrain: expected a keras.Model (a base or a tlkeras transfer model), "
                         f"received {type(base_or_model).__name__}.")
+    if precision not in training.PRECISIONS:
+        raise ValueError(f"pretrain: expected precision in {training.PRECISIONS}, "
+                         f"received precision={precision!r}.")
     if seed is not None:
         keras.utils.set_random_seed(seed)
     if isinstance(unlabeled_data, tf.data.Dataset):
@@ -432,17 +444,13 @@ def pretrain(base_or_model, unlabeled_data, *, method="simclr", epochs=10, batch
                 .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
                 .batch(batch_size, drop_remainder=len(images) >= batch_size)
                 .prefetch(tf.data.AUTOTUNE))
-    encoder, base = _encoder(base_or_model)
-    if augmentation is None:
-        augmentation = simclr_augmentation(encoder.input_shape[1:], seed=seed)
-    trainable = {id(layer): layer.trainable for layer in base._flatten_layers()}
-    models.set_trainable_depth(base, "all")  # BatchNormalization stays frozen
-    simclr = _SimCLR(encoder, augmentation, projection_units, temperature)
-    simclr.compile(keras.optimizers.Adam(learning_rate))
-    simclr(np.zeros((1, *encoder.input_shape[1:]), "float32"))  # built, for BackupAndRestore
+    policy = training.resolve_precision(precision)
     config = {"method": method, "epochs": epochs, "batch_size": batch_size,
               "learning_rate": learning_rate, "temperature": temperature,
-              "projection_units": projection_units, "seed": seed, "model": base_or_model.name}
+              "projection_units": projection_units, "precision": policy,
+              "strategy": strategy if strategy is None or isinstance(strategy, str)
+              else type(strategy).__name__, "seed": seed, "model": base_or_model.name}
+    strategy = training.resolve_strategy(strategy)
     callbacks, paths = [], {}
     if run_dir:
         run_dir = os.path.abspath(run_dir)
@@ -455,15 +463,39 @@ def pretrain(base_or_model, unlabeled_data, *, method="simclr", epochs=10, batch
                                                       delete_checkpoint=False),
                      keras.callbacks.CSVLogger(paths["history.csv"], append=True),
                      *tb.tensorboard_callbacks(paths["logs"], hparams=config)]
+    previous_policy = keras.mixed_precision.global_policy()
     try:
-        history = simclr.fit(data, epochs=epochs, callbacks=callbacks, shuffle=False,
-                             verbose=verbose)
+        keras.mixed_precision.set_global_policy(policy)
+        working = training._prepare(base_or_model, policy, strategy)  # itself when nothing changes
+        with strategy.scope():
+            history = _fit_simclr(working, data, augmentation, epochs, learning_rate,
+                                  temperature, projection_units, callbacks, seed, verbose)
     finally:
-        for layer in base._flatten_layers():
-            layer.trainable = trainable.get(id(layer), layer.trainable)
+        keras.mixed_precision.set_global_policy(previous_policy)
+    if working is not base_or_model:
+        training._copy_weights(working, base_or_model)  # float32 variables, as given
     if run_dir:
         base_or_model.save(paths["model.keras"])
     return PretrainResult(base_or_model, dict(history.history), run_dir, paths)
+
+
+def _fit_simclr(base_or_model, data, augmentation, epochs, learning_rate, temperature,
+                projection_units, callbacks, seed, verbose):
+    """Trains `base_or_model`'s base with SimCLR (its trainable flags kept); the history."""
+    encoder, base = _encoder(base_or_model)
+    if augmentation is None:
+        augmentation = simclr_augmentation(encoder.input_shape[1:], seed=seed)
+    trainable = {id(layer): layer.trainable for layer in base._flatten_layers()}
+    models.set_trainable_depth(base, "all")  # BatchNormalization stays frozen
+    try:
+        simclr = _SimCLR(encoder, augmentation, projection_units, temperature)
+        simclr.compile(keras.optimizers.Adam(learning_rate))
+        simclr(np.zeros((1, *encoder.input_shape[1:]), "float32"))  # built, for BackupAndRestore
+        return simclr.fit(data, epochs=epochs, callbacks=callbacks, shuffle=False,
+                          verbose=verbose)
+    finally:
+        for layer in base._flatten_layers():
+            layer.trainable = trainable.get(id(layer), layer.trainable)
 
 
 # ------------------------------------------------------------------ adapt
