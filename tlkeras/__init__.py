@@ -71,6 +71,7 @@ from tlkeras.tuning import TuneResult, tune  # noqa: E402,F401
 from tlkeras import anatomy, augmentation, phases  # noqa: E402,F401
 from tlkeras.continual import AddClassesResult, ExemplarMemory, add_classes  # noqa: E402,F401
 from tlkeras.predict import load_run, predict  # noqa: E402,F401
+from tlkeras.bases import ResolvedBase, resolve_base  # noqa: E402,F401
 from tlkeras.unlabeled import (  # noqa: E402,F401
     GradientReversal,
     adapt,

@@ -41,7 +41,8 @@ from tlkeras.layers import ImagePreprocessing, InferenceMode
 
 __all__ = [
     "AUGMENTATION", "FEATURES", "PREDICTIONS", "PREPROCESSING", "TASKS", "augmentation_layer",
-    "build_head", "feature_extractor", "get_augmentation", "get_base", "get_head", "has_augmentation",
+    "build_head", "feature_extractor", "get_augmentation", "get_base", "get_head",
+    "get_preprocessing", "has_augmentation",
     "head_config", "image_features", "in_inference_mode", "infer_task", "is_transfer_model",
     "output_units", "pooling_layer", "rebuild_head", "split_model", "without_augmentation",
 ]
@@ -172,6 +173,11 @@ def get_base(model):
     features = _layer(model, FEATURES)
     base = features._inbound_nodes[0].input_tensors[0]._keras_history.operation
     return base.layer if isinstance(base, InferenceMode) else base
+
+
+def get_preprocessing(model):
+    """The model's "preprocessing" layer (the architecture's own), or None."""
+    return next((layer for layer in model.layers if layer.name == PREPROCESSING), None)
 
 
 def get_head(model):

@@ -2,8 +2,9 @@
 
 `HubLayer` wraps a TF2 SavedModel (a TF Hub / Kaggle handle or a local
 directory) as a Keras 3 layer whose variables are ordinary Keras weights, so
-any Keras optimizer fine-tunes them. `build_features` is the hook through
-which `tlkeras.build_transfer_model` accepts, as `base`:
+any Keras optimizer fine-tunes them. The loaders here (`load_hub_layer`,
+`load_keras_hub_backbone`, `image_converter`) are what `tlkeras.resolve_base`
+uses for these kinds of `base`:
 
 - `"hub:<handle>"`, a `https://tfhub.dev/...` or
   `https://www.kaggle.com/models/...` URL, or a SavedModel directory (holding
@@ -47,7 +48,7 @@ import tensorflow as tf
 
 from keras.src.saving import serialization_lib
 
-from tlkeras import anatomy, text
+from tlkeras import anatomy
 
 _URL_PREFIXES = ("https://", "http://")
 # Handles this process has loaded: rebuilding a model from its config (clone_model,
@@ -344,95 +345,62 @@ def is_hub_handle(base):
     return base.startswith(_URL_PREFIXES)
 
 
-def build_features(base, *, input_shape=None, weights="imagenet", pooling="avg", augmentation=None,
-                   load_weights=None):
-    """The input-to-"features" part of a transfer model for a hub or KerasHub `base`.
-
-    Hook of `tlkeras.build_transfer_model` for a string `base` that is not a
-    `keras.applications` name. Returns `(inputs, features, base_layer)`.
-    `weights`: `"imagenet"` (the default) keeps the module's / preset's
-    pretrained weights; `None` initializes a KerasHub backbone randomly; a
-    path to a `.weights.h5` / `.keras` file loads a KerasHub backbone from it,
-    with `load_weights(backbone, path)` (default: `backbone.load_weights`).
-    """
-    base = os.fspath(base)
-    if is_hub_handle(base):
-        if weights not in ("imagenet", None) and weights is not True:
-            raise ValueError(
-                f"build_transfer_model({base!r}): a TF Hub module carries its own weights; "
-                f"weights={weights!r} is not supported (use the default)."
-            )
-        if weights is None:
-            raise ValueError(
-                f"build_transfer_model({base!r}): weights=None (random initialization) is not "
-                "supported for TF Hub modules."
-            )
-        if input_shape is None:
-            raise ValueError(
-                f"build_transfer_model({base!r}): pass input_shape=(height, width, 3) for a TF Hub "
-                "image module (see its documentation for the size it was trained on)."
-            )
-        # Inference mode always, like every tlkeras base: BatchNormalization statistics stay
-        # frozen even once unfrozen (Keras passes training=True to every layer in fit()).
-        layer = HubLayer(base, arguments={"training": False}, name="hub_layer")
-        inputs, features = anatomy.image_features(
-            layer, input_shape, preprocessing="unit", pooling=pooling, augmentation=augmentation
+def load_hub_layer(handle, *, input_shape=None, weights="imagenet"):
+    """The `HubLayer` base for TF Hub handle or SavedModel directory `handle` (inference mode)."""
+    if weights not in ("imagenet", None) and weights is not True:
+        raise ValueError(
+            f"build_transfer_model({handle!r}): a TF Hub module carries its own weights; "
+            f"weights={weights!r} is not supported (use the default)."
         )
-        return inputs, features, layer
-    return keras_hub_features(
-        base, input_shape=input_shape, weights=weights, pooling=pooling, augmentation=augmentation,
-        load_weights=load_weights,
-    )
+    if weights is None:
+        raise ValueError(
+            f"build_transfer_model({handle!r}): weights=None (random initialization) is not "
+            "supported for TF Hub modules."
+        )
+    if input_shape is None:
+        raise ValueError(
+            f"build_transfer_model({handle!r}): pass input_shape=(height, width, 3) for a TF Hub "
+            "image module (see its documentation for the size it was trained on)."
+        )
+    # Inference mode always, like every tlkeras base: BatchNormalization statistics stay
+    # frozen even once unfrozen (Keras passes training=True to every layer in fit()).
+    return HubLayer(handle, arguments={"training": False}, name="hub_layer")
 
 
-def keras_hub_features(
-    preset, *, input_shape=None, weights="imagenet", pooling="avg", augmentation=None,
-    load_weights=None,
-):
-    """`build_features` for a KerasHub preset (name, handle or local directory)."""
+def load_keras_hub_backbone(preset, *, load_weights=True):
+    """The `keras_hub.models.Backbone` of KerasHub `preset` (name, handle or local directory)."""
     import keras_hub
 
-    load_weights = weights is not None
     try:
-        backbone = keras_hub.models.Backbone.from_preset(preset, load_weights=load_weights)
+        return keras_hub.models.Backbone.from_preset(preset, load_weights=load_weights)
     except Exception as error:
         raise ValueError(
             f"build_transfer_model: {preset!r} is not a keras.applications name "
-            "(tlkeras.backbones.list_backbones()), a TF Hub handle ('hub:<handle>' or a "
-            "SavedModel "
-            f"directory) or a loadable KerasHub preset ({type(error).__name__}: {error})."
+            "(tlkeras.backbones.list_backbones()), a .keras file, a TF Hub handle ('hub:<handle>' "
+            "or a SavedModel directory) or a loadable KerasHub preset "
+            f"({type(error).__name__}: {error})."
         ) from error
-    if isinstance(weights, (str, os.PathLike)) and weights != "imagenet":
-        if load_weights is None:
-            backbone.load_weights(os.fspath(weights))
-        else:
-            load_weights(backbone, weights)
-    if isinstance(backbone.input, dict) and "token_ids" in backbone.input:
-        if augmentation is not None:
-            raise ValueError(
-                f"build_transfer_model({preset!r}): augmentation is for images, not text."
-            )
-        return text.text_features(backbone, preset, input_shape=input_shape, pooling=pooling)
+
+
+def is_text_backbone(backbone):
+    """Whether KerasHub `backbone` reads token ids (a text backbone)."""
+    return isinstance(backbone.input, dict) and "token_ids" in backbone.input
+
+
+def image_converter(preset, *, name=anatomy.PREPROCESSING):
+    """The preset's own `ImageConverter` (maps [0, 255] pixels to what its backbone expects)."""
+    import keras_hub
+
     converter = None
     if _has_image_converter(preset):
-        converter = keras_hub.layers.ImageConverter.from_preset(
-            preset, name=anatomy.PREPROCESSING)
+        converter = keras_hub.layers.ImageConverter.from_preset(preset, name=name)
     if converter is None:
         raise ValueError(
             f"build_transfer_model({preset!r}): the preset has no image converter, so tlkeras "
             "cannot tell how it expects pixels. Save one with keras_hub.layers.ImageConverter("
             "image_size=..., scale=..., offset=...).save_to_preset(dir)."
         )
-    if input_shape is None:
-        size = converter.image_size or (None, None)
-        input_shape = (*size, 3)
-    if len(backbone.output.shape) == 3:  # vision transformers: (batch, tokens, dim)
-        if pooling not in ("avg", "max", None):
-            raise ValueError(f"Expected pooling in ('avg', 'max', None), received {pooling!r}.")
-        pooling = text.TokenPooling(pooling or "first", name=anatomy.FEATURES)
-    inputs, features = anatomy.image_features(backbone, input_shape, preprocessing=converter,
-                                              pooling=pooling, augmentation=augmentation)
-    return inputs, features, backbone
+    return converter
 
 
 def _has_image_converter(preset):

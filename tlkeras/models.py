@@ -21,12 +21,9 @@ Example:
 ['Conv', 'block', 'out']
 """
 
-import contextlib
-import os
-
 import keras
 
-from tlkeras import anatomy, backbones, deprecation, hub, text
+from tlkeras import anatomy, backbones, bases, deprecation, text
 from tlkeras import weights as weights_module
 from tlkeras.anatomy import (  # noqa: F401 - public here too
     TASKS,
@@ -38,10 +35,7 @@ from tlkeras.anatomy import (  # noqa: F401 - public here too
     split_model,
     without_augmentation,
 )
-
-
-class WeightsDownloadError(OSError):
-    """Raised when pretrained weights cannot be downloaded (e.g. offline)."""
+from tlkeras.bases import WeightsDownloadError, weights_info  # noqa: F401 - public here too
 
 
 def build_transfer_model(
@@ -66,8 +60,9 @@ def build_transfer_model(
     Args:
         base: a name from `tlkeras.backbones.list_backbones()` (case-insensitive),
             a `keras.Model` you built (its preprocessing is then yours: it
-            receives raw [0, 255] pixels), `"hub:<handle>"` or a SavedModel
-            directory, or a KerasHub preset name or directory.
+            receives raw [0, 255] pixels), a `.keras` file holding a base or a
+            whole transfer model, `"hub:<handle>"` or a SavedModel directory,
+            or a KerasHub preset name or directory (see `tlkeras.resolve_base`).
         num_classes: number of classes (`"multiclass"`, `"multilabel"`), or of
             regression targets (default 1). Not needed for `"binary"`.
         task: `"multiclass"` (softmax), `"binary"` (one sigmoid unit),
@@ -104,30 +99,9 @@ def build_transfer_model(
             "build_transfer_model", "trainable_layers", trainable_layers,
             "unfreeze (with unfreeze_unit='layers')"), "layers"
     units, activation = anatomy.output_units(task, num_classes)
-    if isinstance(base, str) and not backbones.exists(base):
-        inputs, features, base_layer = hub.build_features(
-            base, input_shape=input_shape, weights=weights, pooling=pooling,
-            augmentation=augmentation, load_weights=load_base_weights,
-        )
-    else:
-        if isinstance(base, keras.layers.Layer):
-            base_layer, mode = base, "none"
-            if isinstance(weights, (str, os.PathLike)) and weights != "imagenet":
-                load_base_weights(base_layer, weights)
-            input_shape = _user_input_shape(base_layer, input_shape)
-        elif isinstance(base, str):
-            spec = backbones.get(base)
-            base_layer, mode = _build_registry_base(spec, input_shape, weights), spec.preprocessing
-            input_shape = base_layer.input_shape[1:]
-        else:
-            raise TypeError(
-                "build_transfer_model: expected `base` to be a backbone name, a keras.Model, "
-                f"a hub handle or a KerasHub preset; received {type(base).__name__}."
-            )
-        inputs, features = anatomy.image_features(
-            base_layer, input_shape, preprocessing=mode, pooling=pooling,
-            augmentation=augmentation,
-        )
+    resolved = bases.resolve_base(base, input_shape, weights)
+    inputs, features, base_layer = bases.base_features(
+        resolved, pooling=pooling, augmentation=augmentation)
     outputs = anatomy.build_head(features, units, activation, dropout=dropout,
                                  hidden_units=hidden_units, kernel_regularizer=kernel_regularizer)
     model_class = text.TextModel if inputs.dtype == "string" else keras.Model
@@ -230,89 +204,6 @@ def load_base_weights(base, path):
     """Loads weights for `base` from a `.weights.h5`, legacy `.h5` or `.keras` file (a base alone
     or a whole model holding it; see `tlkeras.weights`)."""
     return weights_module.load_base_weights(base, path)
-
-
-def weights_info(name):
-    """Where Keras downloads ImageNet weights for backbone `name` from, and caches them.
-
-    Returns a dict with `file_name`, `url` and `cache_path` (put the file there
-    to use `weights="imagenet"` offline). Nothing is downloaded.
-    """
-    spec = backbones.get(name)
-
-    class _Stop(Exception):
-        pass
-
-    def fake_get_file(*args, **kwargs):
-        raise _Stop
-
-    with _recording_get_file(fake_get_file) as calls:
-        try:
-            spec.build(weights="imagenet")
-        except _Stop:
-            pass
-    if not calls:
-        raise RuntimeError(f"Keras did not ask for a weights file for {spec.name}.")
-    return calls[-1]
-
-
-def _build_registry_base(spec, input_shape, weights):
-    if weights is None or weights == "imagenet":
-        with _recording_get_file() as calls:
-            try:
-                return spec.build(input_shape, weights)
-            except Exception as error:
-                if not calls or os.path.isfile(calls[-1]["cache_path"]):
-                    raise
-                info = calls[-1]
-                raise WeightsDownloadError(
-                    f"Could not download ImageNet weights for {spec.name}: Keras wanted the file "
-                    f"{info['file_name']!r} from {info['url']} ({type(error).__name__}: {error}).\n"
-                    "Offline, do one of:\n"
-                    f"  1. download that file elsewhere and pass weights='/path/to/{info['file_name']}'"
-                    " to build_transfer_model (or --weights PATH on the command line), or\n"
-                    f"  2. put it at {info['cache_path']} (the Keras cache; set KERAS_HOME to move it)"
-                    " and keep weights='imagenet'."
-                ) from error
-    base = spec.build(input_shape, None)
-    load_base_weights(base, weights)
-    return base
-
-
-@contextlib.contextmanager
-def _recording_get_file(replacement=None):
-    """Records every `get_file` call keras.applications makes while active."""
-    from keras.src.backend import config
-    from keras.src.utils import file_utils
-
-    original, calls = file_utils.get_file, []
-
-    def wrapper(fname=None, origin=None, *args, **kwargs):
-        cache_dir = os.path.expanduser(kwargs.get("cache_dir") or config.keras_home())
-        if not os.access(cache_dir, os.W_OK):  # as Keras does
-            cache_dir = os.path.join("/tmp", ".keras")
-        cache_path = os.path.join(cache_dir, kwargs.get("cache_subdir", "datasets"), fname)
-        calls.append({"file_name": fname, "url": origin, "cache_path": cache_path})
-        return (replacement or original)(fname, origin, *args, **kwargs)
-
-    file_utils.get_file = wrapper
-    try:
-        yield calls
-    finally:
-        file_utils.get_file = original
-
-
-
-
-def _user_input_shape(base, input_shape):
-    if input_shape is not None:
-        return tuple(input_shape)
-    try:
-        return tuple(base.input_shape[1:])
-    except (AttributeError, ValueError):
-        raise ValueError(
-            f"Cannot tell the input shape of base {base.name!r}; pass input_shape=(height, width, 3)."
-        ) from None
 
 
 _head_output = anatomy.output_units  # old private names, still used by other modules
