@@ -417,3 +417,27 @@ def test_cli_resume_with_other_classes_rewrites_nothing_and_evaluate_keeps_the_r
     assert cli.main(["evaluate", "--model", "run", "--image_dir", "two"]) == 0
     assert (tmp_path / "run" / "evaluation-2" / "report.json").exists()
     assert {f: digest(tmp_path / "run" / f) for f in kept} == kept
+
+
+def test_from_tfds_offline_names_the_dataset_the_cause_and_what_to_do(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(ValueError, match=r"no TFDS dataset is named 'mnistt'; close matches: "
+                                         r"'mnist'"):
+        tlkeras.data.from_tfds("mnistt", "train", data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as error:
+        tlkeras.data.from_tfds("mnist", "train", data_dir=str(tmp_path), download=False)
+    assert re.fullmatch(r"from_tfds: TFDS dataset 'mnist' is not prepared in .*mnist.* "
+                        r"\(download=False\)\. .*tfds build mnist.*data_dir=DIR.*",
+                        str(error.value))
+    try:
+        tlkeras.data._check_network()
+        pytest.skip("the network is up here: the offline download case cannot be made")
+    except ConnectionError:
+        pass
+    with pytest.raises(RuntimeError) as error:  # no network: fails at once, not after retries
+        tlkeras.data.from_tfds("mnist", "train", data_dir=str(tmp_path))
+    assert re.fullmatch(r"from_tfds: TFDS dataset 'mnist' could not be downloaded into "
+                        rf"{re.escape(str(tmp_path))}.*\(ConnectionError: no network.*\)\. "
+                        r"To use it offline, .*data_dir=DIR, download=False\)\.",
+                        str(error.value))
+    assert not os.path.exists(tfds.builder("mnist", data_dir=str(tmp_path)).data_dir)
