@@ -36,7 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import evaluation
+from tlkeras import evaluation, plots
 from tlkeras.explain import explain
 
 IMAGES_DIR = "images"
@@ -211,7 +211,7 @@ class SamplePredictionsCallback(_ImageCallback):
     def _plot(self, images, labels, probabilities, epoch):
         cols = int(np.ceil(np.sqrt(len(images))))
         rows = int(np.ceil(len(images) / cols))
-        figure = evaluation._figure(2.2 * cols, 2.4 * rows)
+        figure = plots._figure(2.2 * cols, 2.4 * rows)
         figure.suptitle(f"Validation samples, epoch {epoch + 1}")
         for i, (image, label, p) in enumerate(zip(images, labels, probabilities)):
             text, right = _describe(self._task, label, p, self._names)
@@ -255,7 +255,7 @@ class GradCAMCallback(_ImageCallback):
             return
         cols = int(np.ceil(np.sqrt(len(self._samples))))
         rows = int(np.ceil(len(self._samples) / cols))
-        figure = evaluation._figure(2.2 * cols, 2.4 * rows)
+        figure = plots._figure(2.2 * cols, 2.4 * rows)
         figure.suptitle(f"Grad-CAM of the predicted class, epoch {epoch + 1}")
         for i, (image, c, p) in enumerate(zip(result.overlay(), result.predicted,
                                               result.probabilities)):
