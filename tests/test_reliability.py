@@ -441,3 +441,41 @@ def test_from_tfds_offline_names_the_dataset_the_cause_and_what_to_do(tmp_path):
                         r"To use it offline, .*data_dir=DIR, download=False\)\.",
                         str(error.value))
     assert not os.path.exists(tfds.builder("mnist", data_dir=str(tmp_path)).data_dir)
+
+
+def tiny_text_model():
+    inputs = keras.Input((1,), dtype="string")
+    hashed = keras.layers.Hashing(8, output_mode="one_hot")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax",
+                                                  name="predictions")(hashed), name="tiny_text")
+
+
+def bad_predict_inputs():
+    """{case: (model factory, x, labels for fine_tune's check)}: what fine_tune refuses."""
+    x, y = arrays(8)
+    nan_x = x.copy()
+    nan_x[5, 1, 2, 0] = np.nan
+    return {
+        "NaN pixel": (tiny_model, nan_x),
+        "wrong channel count (cannot be resized)": (tiny_model, x[..., :1]),
+        "text into an image model": (tiny_model, np.array(["a good film", "a bad one"])),
+        "images into a text model": (tiny_text_model, x),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_predict_inputs()))
+def test_predict_refuses_what_fine_tune_refuses_with_the_same_line(case):
+    make, x = bad_predict_inputs()[case]
+    model = make()
+    with pytest.raises(ValueError) as fit_error:
+        tlkeras.validation.check_model_data(model, (x, np.zeros(len(x), "int32")))
+    with pytest.raises(ValueError) as predict_error:
+        tlkeras.predict(model, x)
+    expected = str(fit_error.value).replace("train_data: ", "inputs: ", 1)
+    if make is tiny_text_model:  # fine_tune shows its batches' shape, predict the array's
+        expected = expected.replace("(None, 16, 16, 3)", f"{x.shape}")
+    assert str(predict_error.value) == expected
+    assert "\n" not in str(predict_error.value)
+    if case == "text into an image model":  # a list of strings that name no file: text too
+        with pytest.raises(ValueError, match="^inputs: .* received text"):
+            tlkeras.predict(model, list(x))
