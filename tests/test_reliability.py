@@ -219,12 +219,8 @@ def test_a_model_and_data_that_do_not_fit_get_one_line_naming_the_argument(case)
 
 
 def test_a_text_model_given_images_gets_one_line():
-    inputs = keras.Input((1,), dtype="string")
-    hashed = keras.layers.Hashing(8, output_mode="one_hot")(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax",
-                                                   name="predictions")(hashed))
     with pytest.raises(ValueError, match="train_data: the model .* takes text"):
-        tlkeras.validation.check_model_data(model, arrays(8, classes=2))
+        tlkeras.validation.check_model_data(tiny_text_model(), arrays(8, classes=2))
 
 
 def test_a_negative_learning_rate_or_unknown_optimizer_is_refused_before_anything_is_written(
