@@ -3,7 +3,7 @@
 Runs each case of issue 14 for real (small shapes, no training except where the case is about
 training) and prints its outcome: the first line of the error, or what happened.
 
-    python bench/bench_faults.py
+    python bench/bench_faults.py [WORD ...]   # WORDs: only the cases whose name holds one
 """
 
 import csv
@@ -293,13 +293,34 @@ CASES = [
     ("Unclear", "read-only cache folder", read_only_cache),
     ("Unclear", "empty text class folder", empty_text_class),
     ("Unclear", "tune: unknown optimizer", lambda: tune({"optimizer": ["adamx"]})),
+    ("Unclear", "from_tfds: not downloaded, no network",
+     lambda: tlkeras.data.from_tfds("mnist", "train", data_dir=os.path.join(ROOT, "tfds"))),
+    ("Unclear", "from_tfds: not prepared, download=False", lambda: tlkeras.data.from_tfds(
+        "mnist", "train", data_dir=os.path.join(ROOT, "tfds"), download=False)),
+    ("Unclear", "from_tfds: unknown dataset name",
+     lambda: tlkeras.data.from_tfds("mnistt", "train", data_dir=os.path.join(ROOT, "tfds"))),
+    ("Silently wrong", "predict: NaN pixel", lambda: tlkeras.predict(tiny(), nan_x)),
+    ("Crash", "predict: 1-channel images", lambda: tlkeras.predict(tiny(), x[..., :1])),
+    ("Crash", "predict: image model given text",
+     lambda: tlkeras.predict(tiny(), np.array(["a good film", "a bad one"]))),
+    ("Crash", "predict: text model given images", lambda: tlkeras.predict(text_model(), x)),
 ]
+
+
+def text_model():
+    inputs = keras.Input((1,), dtype="string")
+    hashed = keras.layers.Hashing(8, output_mode="one_hot")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax",
+                                                  name="predictions")(hashed), name="tiny_text")
 
 
 def main():
     print(machine())
     print("\n| kind | case | what it now gets | seconds |\n| --- | --- | --- | --- |")
+    only = sys.argv[1:]  # words: run only the cases whose name holds one of them
     for kind, case, run in CASES:
+        if only and not any(word in case for word in only):
+            continue
         start = time.perf_counter()
         try:
             outcome = run() or "accepted"

@@ -333,14 +333,14 @@ def test_from_tfds_image_and_text_with_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=10):
         ds = data.from_tfds("mnist", "train", (12, 12), batch_size=4, seed=0,
-                            data_dir=str(tmp_path))
+                            data_dir=str(tmp_path), download=False)  # mock data, no network
         x, y = _collect(ds)
         assert x.shape == (10, 12, 12, 3) and x.dtype == np.float32
         np.testing.assert_array_equal(x[..., 0], x[..., 1])
         assert ds.class_names == [str(i) for i in range(10)]
         assert set(y.tolist()) <= set(range(10))
         text = data.from_tfds("imdb_reviews", "test", batch_size=5, shuffle=False,
-                              data_dir=str(tmp_path))
+                              data_dir=str(tmp_path), download=False)
         s, lab = next(iter(text))
         assert s.dtype == tf.string and s.shape == (5,) and lab.shape == (5,)
         assert text.class_names == ["neg", "pos"]

@@ -219,12 +219,8 @@ def test_a_model_and_data_that_do_not_fit_get_one_line_naming_the_argument(case)
 
 
 def test_a_text_model_given_images_gets_one_line():
-    inputs = keras.Input((1,), dtype="string")
-    hashed = keras.layers.Hashing(8, output_mode="one_hot")(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax",
-                                                   name="predictions")(hashed))
     with pytest.raises(ValueError, match="train_data: the model .* takes text"):
-        tlkeras.validation.check_model_data(model, arrays(8, classes=2))
+        tlkeras.validation.check_model_data(tiny_text_model(), arrays(8, classes=2))
 
 
 def test_a_negative_learning_rate_or_unknown_optimizer_is_refused_before_anything_is_written(
@@ -417,3 +413,65 @@ def test_cli_resume_with_other_classes_rewrites_nothing_and_evaluate_keeps_the_r
     assert cli.main(["evaluate", "--model", "run", "--image_dir", "two"]) == 0
     assert (tmp_path / "run" / "evaluation-2" / "report.json").exists()
     assert {f: digest(tmp_path / "run" / f) for f in kept} == kept
+
+
+def test_from_tfds_offline_names_the_dataset_the_cause_and_what_to_do(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(ValueError, match=r"no TFDS dataset is named 'mnistt'; close matches: "
+                                         r"'mnist'"):
+        tlkeras.data.from_tfds("mnistt", "train", data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as error:
+        tlkeras.data.from_tfds("mnist", "train", data_dir=str(tmp_path), download=False)
+    assert re.fullmatch(r"from_tfds: TFDS dataset 'mnist' is not prepared in .*mnist.* "
+                        r"\(download=False\)\. .*tfds build mnist.*data_dir=DIR.*",
+                        str(error.value))
+    try:
+        tlkeras.data._check_network()
+        pytest.skip("the network is up here: the offline download case cannot be made")
+    except ConnectionError:
+        pass
+    with pytest.raises(RuntimeError) as error:  # no network: fails at once, not after retries
+        tlkeras.data.from_tfds("mnist", "train", data_dir=str(tmp_path))
+    assert re.fullmatch(r"from_tfds: TFDS dataset 'mnist' could not be downloaded into "
+                        rf"{re.escape(str(tmp_path))}.*\(ConnectionError: no network.*\)\. "
+                        r"To use it offline, .*data_dir=DIR, download=False\)\.",
+                        str(error.value))
+    assert not os.path.exists(tfds.builder("mnist", data_dir=str(tmp_path)).data_dir)
+
+
+def tiny_text_model():
+    inputs = keras.Input((1,), dtype="string")
+    hashed = keras.layers.Hashing(8, output_mode="one_hot")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax",
+                                                  name="predictions")(hashed), name="tiny_text")
+
+
+def bad_predict_inputs():
+    """{case: (model factory, x, labels for fine_tune's check)}: what fine_tune refuses."""
+    x, y = arrays(8)
+    nan_x = x.copy()
+    nan_x[5, 1, 2, 0] = np.nan
+    return {
+        "NaN pixel": (tiny_model, nan_x),
+        "wrong channel count (cannot be resized)": (tiny_model, x[..., :1]),
+        "text into an image model": (tiny_model, np.array(["a good film", "a bad one"])),
+        "images into a text model": (tiny_text_model, x),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_predict_inputs()))
+def test_predict_refuses_what_fine_tune_refuses_with_the_same_line(case):
+    make, x = bad_predict_inputs()[case]
+    model = make()
+    with pytest.raises(ValueError) as fit_error:
+        tlkeras.validation.check_model_data(model, (x, np.zeros(len(x), "int32")))
+    with pytest.raises(ValueError) as predict_error:
+        tlkeras.predict(model, x)
+    expected = str(fit_error.value).replace("train_data: ", "inputs: ", 1)
+    if make is tiny_text_model:  # fine_tune shows its batches' shape, predict the array's
+        expected = expected.replace("(None, 16, 16, 3)", f"{x.shape}")
+    assert str(predict_error.value) == expected
+    assert "\n" not in str(predict_error.value)
+    if case == "text into an image model":  # a list of strings that name no file: text too
+        with pytest.raises(ValueError, match="^inputs: .* received text"):
+            tlkeras.predict(model, list(x))

@@ -39,10 +39,12 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
 import os
+import socket
 import string
 
 import keras
@@ -1045,17 +1047,23 @@ def from_tfds(name, split, image_size=None, *, data_dir=None, download=True, bat
     """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
-    offline_help = (f"To use {name!r} offline, prepare it where there is internet: "
-                    f"`tfds build {name} --data_dir DIR` (or tfds.builder({name!r}, "
-                    "data_dir=DIR).download_and_prepare()), copy DIR here and call "
-                    f"from_tfds({name!r}, ..., data_dir=DIR, download=False).")
-    if download:
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, tfds.list_builders(), n=3, cutoff=0.6)
+        raise ValueError(f"from_tfds: no TFDS dataset is named {name!r}"
+                         + (f"; close matches: {', '.join(map(repr, close))}" if close else "")
+                         + ". See tfds.list_builders() for all names.") from None
+    offline_help = (f"prepare it where there is internet (`tfds build {name} --data_dir DIR`), "
+                    f"copy DIR here and call from_tfds({name!r}, ..., data_dir=DIR, "
+                    "download=False)")
+    if download and not tf.io.gfile.exists(builder.data_dir):
         try:
+            _check_network()
             builder.download_and_prepare()
         except Exception as e:  # noqa: BLE001 - network errors come in many types
-            raise RuntimeError(f"Could not download/prepare TFDS dataset {name!r} into "
-                               f"{builder.data_dir}: {e}\n{offline_help}") from e
+            raise RuntimeError(f"from_tfds: TFDS dataset {name!r} could not be downloaded "
+                               f"into {builder.data_dir} ({_root_cause(e)}). To use it offline, {offline_help}.") from e
     features = builder.info.features
     keys = builder.info.supervised_keys
     if keys is None or not isinstance(keys[0], str):
@@ -1071,8 +1079,9 @@ def from_tfds(name, split, image_size=None, *, data_dir=None, download=True, bat
         raw = builder.as_dataset(split=split, shuffle_files=shuffle,
                                  read_config=tfds.ReadConfig(shuffle_seed=seed))
     except AssertionError as e:  # tfds: "Dataset ... not found / not prepared"
-        raise RuntimeError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}.\n"
-                           f"{offline_help}") from e
+        raise RuntimeError(f"from_tfds: TFDS dataset {name!r} is not prepared in "
+                           f"{builder.data_dir} (download=False). To use it offline, "
+                           f"{offline_help}.") from e
     is_image = isinstance(features[x_key], tfds.features.Image)
     image_size = _image_size(image_size)
     if is_image and image_size is None:
@@ -1098,6 +1107,29 @@ def from_tfds(name, split, image_size=None, *, data_dir=None, download=True, bat
     names = list(label_feature.names) if isinstance(label_feature, tfds.features.ClassLabel) \
         else None
     return _attach(ds, names)
+
+
+_TFDS_HOST = "storage.googleapis.com"  # where TFDS keeps most of its data
+
+
+def _check_network():
+    """Fails at once when the host TFDS downloads from cannot be resolved (TFDS itself would
+    retry each file for minutes before giving up); behind a proxy, leaves it to TFDS."""
+    if any(os.environ.get(k) for k in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")):
+        return
+    try:
+        socket.getaddrinfo(_TFDS_HOST, 443)
+    except OSError as e:
+        raise ConnectionError(f"no network: cannot resolve {_TFDS_HOST} ({e})") from None
+
+
+def _root_cause(error):
+    """The first line of the innermost cause of `error`, in at most 160 characters."""
+    while error.__cause__ or (error.__context__ and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    line = (str(error).strip().splitlines() or [""])[0]
+    text = f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def from_text_directory(path, *, batch_size=32, validation_split=None, subset=None, seed=None,

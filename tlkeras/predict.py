@@ -44,6 +44,7 @@ from tlkeras import export as export_module
 from tlkeras import hub  # noqa: F401 - registers HubLayer for loading .keras files
 from tlkeras import layers  # noqa: F401 - registers tlkeras layers for loading .keras files
 from tlkeras import text
+from tlkeras import validation
 
 __all__ = ["Predictions", "Predictor", "Run", "load_run", "predict"]
 
@@ -159,8 +160,8 @@ def load_run(run_dir):
 class Predictor:
     """A model of any kind `predict` takes, loaded once: call it on a batch to get its
     outputs. Attributes: `source`, `kind` (`"keras"`, `"saved_model"`, `"tflite"`),
-    `texts` (whether it takes strings), `image_size` (`(height, width)` or None),
-    `num_outputs` and `class_names`.
+    `name`, `texts` (whether it takes strings), `input_shape`, `image_size`
+    (`(height, width)` or None), `num_outputs` and `class_names`.
 
     Args:
         model_or_run: see `predict`.
@@ -233,7 +234,7 @@ class Predictor:
             )
 
     def _keras(self, model):
-        self.kind, self.model = "keras", model
+        self.kind, self.model, self.name = "keras", model, model.name
         self._set_input(model.inputs[0].dtype, model.input_shape)
         self.num_outputs = model.output_shape[-1]
 
@@ -241,7 +242,7 @@ class Predictor:
         loaded = tf.saved_model.load(path)
         if "serving_default" not in loaded.signatures:
             raise ValueError(f"SavedModel {path!r} has no 'serving_default' signature.")
-        self.kind, self.model = "saved_model", loaded
+        self.kind, self.model, self.name = "saved_model", loaded, os.path.basename(path)
         signature = loaded.signatures["serving_default"]
         specs = signature.structured_input_signature[1]
         if len(specs) != 1:
@@ -260,13 +261,14 @@ class Predictor:
             warnings.simplefilter("ignore")
             interpreter = tf.lite.Interpreter(model_path=path)
         shape = tuple(interpreter.get_input_details()[0]["shape"])
-        self.kind, self.model = "tflite", path
+        self.kind, self.model, self.name = "tflite", path, os.path.basename(path)
         self._set_input("float32", (None, *shape[1:]))
         self.num_outputs = int(interpreter.get_output_details()[0]["shape"][-1])
         self.class_names = _names_in(os.path.dirname(path))
 
     def _set_input(self, dtype, shape):
         self.texts = "string" in str(dtype)
+        self.input_shape = tuple(None if s is None else int(s) for s in shape)
         self.image_size = None
         if not self.texts and len(shape) == 4 and None not in shape[1:3]:
             self.image_size = tuple(int(s) for s in shape[1:3])
@@ -339,34 +341,38 @@ def _batches(predictor, inputs, batch_size):
 
     if predictor.texts:
         texts = text.as_strings([inputs] if isinstance(inputs, (str, bytes)) else inputs)
-        if not isinstance(texts, tf.Tensor) or texts.dtype != tf.string:
-            raise TypeError(
-                f"predict: this text model takes strings; received {type(inputs).__name__}."
-            )
-        texts = texts.numpy()
+        validation.check_inputs(predictor, texts)
+        texts = texts.numpy() if tf.is_tensor(texts) else np.asarray(texts)
         sources = [t.decode() if isinstance(t, bytes) else t for t in texts.tolist()]
         return chunks(texts), sources, "text", [], -(-len(texts) // batch_size)
     is_path = isinstance(inputs, (str, os.PathLike))
     if is_path or (isinstance(inputs, (list, tuple)) and inputs
                    and all(isinstance(p, (str, os.PathLike)) for p in inputs)):
+        paths = [inputs] if is_path else list(inputs)
+        if not any(_looks_like_path(p) for p in paths):
+            validation.check_inputs(predictor, np.array(paths, dtype=object))  # text: refused
         if predictor.image_size is None:
             raise ValueError("predict: the model's input size is not fixed; pass arrays of pixels.")
-        paths = [inputs] if is_path else list(inputs)
         ds = data.from_files(paths, predictor.image_size, batch_size=batch_size)
         shown = _shown_paths(paths, ds.file_paths)
         batches = (b.numpy() for b in ds)
         return batches, shown, "file", list(ds.scan_report.bad), -(-len(shown) // batch_size)
-    images = np.asarray(inputs, "float32")
-    if images.ndim == 3:
+    images = np.asarray(inputs)
+    if images.ndim == 3 and images.dtype.kind not in "USO":
         images = images[None]
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            "predict: expected image files or folders, or pixels of shape (n, height, width, 3) "
-            f"or (height, width, 3); received an array of shape {images.shape}."
-        )
+    validation.check_inputs(predictor, images, resize=True)
+    images = images.astype("float32")
     if predictor.image_size and images.shape[1:3] != predictor.image_size:
         images = tf.image.resize(images, predictor.image_size).numpy()
     return chunks(images), list(range(len(images))), "index", [], -(-len(images) // batch_size)
+
+
+def _looks_like_path(path):
+    """Whether a string given to an image model names a file: it exists, has a folder part
+    or an image extension (a missing file is then reported by name, not taken for text)."""
+    path = os.fspath(path)
+    return (os.path.exists(path) or os.sep in path
+            or os.path.splitext(path)[1].lower() in data.IMAGE_EXTENSIONS)
 
 
 def _shown_paths(given, used):

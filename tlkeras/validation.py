@@ -32,8 +32,8 @@ import tensorflow as tf
 
 from tlkeras import anatomy
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_model_data", "check_positive",
-           "check_search_space", "class_index_map", "remap_labels"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_inputs", "check_model_data",
+           "check_positive", "check_search_space", "class_index_map", "remap_labels"]
 
 _ARRAY_BATCH = 32  # Keras fit's default batch size for arrays
 
@@ -104,20 +104,64 @@ def _describe(spec):
     return getattr(spec, "dtype", None) and f"{spec.dtype.name} {spec.shape}" or str(spec)
 
 
+def check_inputs(model, x, *, name="inputs", resize=False):
+    """Checks inputs without labels (e.g. to predict) for `model`: text for an image model (or
+    the reverse), the input shape, and that every pixel is finite.
+
+    Args:
+        model: a Keras model, or any object with `name`, `input_shape` and `texts`
+            (whether it takes strings), such as a `tlkeras.Predictor`.
+        x: an array (or tensor) of images, or of strings.
+        name: the argument's name in messages.
+        resize: heights and widths may differ from the model's (the caller resizes them).
+
+    Raises:
+        ValueError: one line naming `name`, what was expected, what was received and what
+            to do.
+
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten()])
+    >>> try:
+    ...     check_inputs(model, np.zeros((2, 8, 8, 1)), resize=True)
+    ... except ValueError as error:
+    ...     print(str(error).split(", received")[0])
+    inputs: the model 'sequential' takes images of shape (8, 8, 3)
+    """
+    x = x.numpy() if tf.is_tensor(x) else np.asarray(x)
+    text = x.dtype.kind in "USO" or x.dtype == object
+    _check_inputs_kind(model, tf.TensorSpec(x.shape, tf.string if text else x.dtype), name)
+    if text:
+        return
+    shape = x.shape
+    expected = _signature(model)[1]
+    if resize and len(shape) == 4 and expected and len(expected) == 4:
+        shape = (shape[0], *expected[1:3], shape[3])
+    _check_image_size(model, shape, name)
+    _check_finite(x, name, "pixel", "")
+
+
+def _signature(model):
+    """(name, input shape, whether it takes strings) of a Keras model or a `Predictor`."""
+    if isinstance(model, keras.Model):
+        return model.name, model.input_shape, model.inputs[0].dtype == "string"
+    return model.name, model.input_shape, model.texts
+
+
 def _check_inputs_kind(model, x_spec, name):
-    model_text = model.inputs[0].dtype == "string"
+    model_name, input_shape, model_text = _signature(model)
     data_text = getattr(x_spec, "dtype", None) == tf.string
     if model_text and not data_text:
-        raise ValueError(f"{name}: the model {model.name!r} takes text (strings), received "
+        raise ValueError(f"{name}: the model {model_name!r} takes text (strings), received "
                          f"{_describe(x_spec)}. Use a text model for images, or text data "
                          "(tlkeras.data.from_text_directory).")
     if data_text and not model_text:
-        raise ValueError(f"{name}: the model {model.name!r} takes images {model.input_shape}, "
+        raise ValueError(f"{name}: the model {model_name!r} takes images {input_shape}, "
                          "received text (strings). Use a text model (tlkeras.text) for text.")
 
 
 def _check_image_size(model, shape, name):
-    expected = tuple(model.input_shape[1:]) if isinstance(model.input_shape, tuple) else None
+    model_name, input_shape, _ = _signature(model)
+    expected = tuple(input_shape[1:]) if isinstance(input_shape, tuple) else None
     received = tuple(shape[1:])
     if not expected or len(expected) != len(received):
         if expected:
@@ -128,7 +172,7 @@ def _check_image_size(model, shape, name):
         what = "images" if len(expected) == 3 else "inputs"
         hint = (f" Load the data with image_size={expected[:2]}, or build the model with "
                 f"input_shape={received}." if len(expected) == 3 else "")
-        raise ValueError(f"{name}: the model {model.name!r} takes {what} of shape {expected}, "
+        raise ValueError(f"{name}: the model {model_name!r} takes {what} of shape {expected}, "
                          f"received {what} of shape {received}.{hint}")
 
 
