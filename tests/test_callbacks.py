@@ -119,13 +119,16 @@ def test_images_are_logged_every_n_epochs(two_phase_run):
 
 def test_hparams_session_and_metrics(two_phase_run):
     log_dir, history = two_phase_run
-    run = read_run(log_dir)
+    # The session lives with the train scalars: no extra run in `log_dir` itself.
+    assert not [f for f in os.listdir(log_dir) if f.startswith("events.out")]
+    run = read_run(log_dir / "train")
     content = run.PluginTagToContent("hparams")[hparams_metadata.SESSION_START_INFO_TAG]
     info = hparams_metadata.parse_session_start_info_plugin_data(content)
     assert dict(info.hparams)["base"].string_value == "tiny"
     assert dict(info.hparams)["learning_rate"].number_value == 0.01
     assert dict(info.hparams)["hidden_units"].string_value == "(4,)"
     assert dict(info.hparams)["augment"].bool_value is False
+    assert info.group_name == "a"  # the trial id: the run folder's name, not a machine path
     assert scalars(run, "hparams/val_accuracy") == pytest.approx(
         dict(enumerate(history["val_accuracy"]))
     )
@@ -230,6 +233,7 @@ def test_tensorboard_server_shows_runs_scalars_and_hparams(two_phase_run):
             except OSError:
                 pass
             time.sleep(1)
+        assert set(runs) == {"a/logs/train", "a/logs/validation", "a/logs/images", "b/logs"}
         tags = _get(url + "/data/plugin/scalars/tags")
         assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= set(tags["a/logs/train"])
         assert {"epoch_loss", "epoch_accuracy"} <= set(tags["a/logs/validation"])
@@ -239,7 +243,7 @@ def test_tensorboard_server_shows_runs_scalars_and_hparams(two_phase_run):
         assert set(infos) == set(HPARAMS)
         assert sorted(infos["base"]["domainDiscrete"]) == ["other", "tiny"]
         metrics = {(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]}
-        assert {("validation", "epoch_accuracy"), ("", "hparams/val_accuracy")} <= metrics
+        assert {("", "epoch_loss"), ("", "hparams/val_accuracy")} <= metrics
 
         groups = _get(
             url + "/data/plugin/hparams/session_groups",
@@ -249,6 +253,7 @@ def test_tensorboard_server_shows_runs_scalars_and_hparams(two_phase_run):
                 "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
             },
         )["sessionGroups"]
+        assert {g["name"] for g in groups} == {"a", "b"}  # trial ids, relative
         values = {
             g["hparams"]["base"]: {
                 m["name"]["tag"]: m["value"] for m in g["metricValues"] if not m["name"]["group"]

@@ -64,3 +64,51 @@ def test_demo_network_has_batch_normalization():
     assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in body.layers)
     x, y = demo.load_digits_rgb()
     assert x.shape == (1797, 16, 16, 3) and x.dtype == "uint8" and set(y) == set(range(10))
+
+
+def test_tensorboard_runs_are_listed_once_with_validation_images_and_hparams(quick_demo):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+    run_dir, _ = quick_demo
+    events = glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True)
+    runs = {os.path.relpath(os.path.dirname(e), run_dir) for e in events}
+    # One TensorBoard run per folder Keras writes: nothing in `logs/` itself, no absolute paths.
+    methods = [f"{m}_k{k}_seed{s}" for m in ("transfer", "scratch") for k in demo.QUICK_BUDGETS
+               for s in (0, 1)]
+    assert runs == {"summary/transfer", "summary/scratch", "pretrain/logs/train",
+                    "pretrain/logs/validation",
+                    *(f"{name}/logs/{sub}" for name in methods
+                      for sub in ("train", "validation", "images"))}
+
+    def read(path):
+        accumulator = EventAccumulator(str(run_dir / path), size_guidance={"tensors": 0})
+        return accumulator.Reload()
+
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = {r["labels_per_class"]: r for r in results["rows"]}
+    sessions = {}
+    for name in methods:
+        method, k, seed = name.split("_")
+        k, seed = int(k[1:]), int(seed[4:])
+        validation = read(f"{name}/logs/validation")
+        accuracy = {e.step: float(tf.make_ndarray(e.tensor_proto))
+                    for e in validation.Tensors("epoch_accuracy")}
+        assert sorted(accuracy) == list(range(11 if method == "transfer" else 6)), name
+        images = read(f"{name}/logs/images")
+        assert set(images.PluginTagToContent("images")) == {"confusion_matrix", "grad_cam"}
+        for tag in ("confusion_matrix", "grad_cam"):  # twice a run
+            steps = [e.step for e in images.Tensors(tag)]
+            assert steps == ([4, 9] if method == "transfer" else [2, 5]), (name, tag)
+        train = read(f"{name}/logs/train")
+        info = hparams_metadata.parse_session_start_info_plugin_data(
+            train.PluginTagToContent("hparams")[hparams_metadata.SESSION_START_INFO_TAG])
+        sessions[name] = (info.group_name, {key: v.string_value or v.number_value
+                                            for key, v in info.hparams.items()})
+        assert sessions[name] == (name, {"method": method, "labels_per_class": k, "seed": seed})
+        rows[k].setdefault(f"{method}_last_val", []).append(accuracy[max(accuracy)])
+    # The validation curves end at the accuracy the table reports (the same held-out digits).
+    for r in rows.values():
+        for method in ("transfer", "scratch"):
+            assert sum(r[f"{method}_last_val"]) / 2 == pytest.approx(r[method], abs=1e-3)

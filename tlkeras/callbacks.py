@@ -9,13 +9,14 @@ dashboard. Every summary is stepped by the epoch `fit` reports, so a second
 
 Layout of `log_dir` (one TensorBoard "run" per folder):
 
-    log_dir/             HParams session and its `hparams/<metric>` scalars
-    log_dir/train/       epoch_loss, epoch_<metric>, epoch_learning_rate
+    log_dir/train/       epoch_loss, epoch_<metric>, epoch_learning_rate, the
+                         HParams session and its `hparams/<metric>` scalars
     log_dir/validation/  epoch_loss, epoch_<metric>
     log_dir/images/      confusion_matrix, sample_predictions, grad_cam
 
 Point TensorBoard at the parent of several runs to compare them side by side
-(HParams dashboard included):
+(HParams dashboard included; each run's trial id is its run folder's name,
+the folder above `logs`, unless `trial_id` names it):
 
     tensorboard --logdir runs/
 
@@ -49,6 +50,7 @@ def tensorboard_callbacks(
     validation_data=None,
     class_names=None,
     hparams=None,
+    trial_id=None,
     profile_batch=0,
     every_n_epochs=1,
     num_images=16,
@@ -63,13 +65,16 @@ def tensorboard_callbacks(
             tuple of arrays); enables the confusion matrix and sample grid.
         class_names: class names; defaults to `validation_data.class_names`.
         hparams: dict of hyperparameters for the HParams dashboard (values:
-            bool, int, float or str; others are logged as `str(value)`).
+            bool, int, float or str; others are logged as `str(value)`),
+            written with the train scalars so that each run is listed once.
+        trial_id: the HParams trial id (default: the run folder's name, see
+            `write_hparams`).
         profile_batch: batches to profile, e.g. `(10, 15)`; 0 disables it
             (`keras.callbacks.TensorBoard`). The trace goes to
             `log_dir/train/plugins/profile` (Profile tab; needs the
             `tensorboard-plugin-profile` package to view).
         every_n_epochs: log the confusion matrix and Grad-CAM overlays every n epochs.
-        num_images: size of the sample prediction grid.
+        num_images: size of the sample prediction grid (0: no grid).
         max_batches: limit the confusion matrix to this many batches.
         **tensorboard_kwargs: more arguments of `keras.callbacks.TensorBoard`,
             e.g. `histogram_freq=1`, `update_freq="batch"`, `write_graph=False`.
@@ -77,17 +82,18 @@ def tensorboard_callbacks(
     Returns:
         A list of `keras.callbacks.Callback`.
     """
-    callbacks = [EpochTensorBoard(log_dir, profile_batch=profile_batch, **tensorboard_kwargs)]
+    callbacks = [EpochTensorBoard(log_dir, profile_batch=profile_batch, hparams=hparams,
+                                  trial_id=trial_id, **tensorboard_kwargs)]
     if validation_data is not None:
         callbacks += [
             ConfusionMatrixCallback(
                 validation_data, class_names, log_dir, every_n_epochs, max_batches
             ),
-            SamplePredictionsCallback(validation_data, class_names, log_dir, num_images),
             GradCAMCallback(validation_data, class_names, log_dir, every_n_epochs),
         ]
-    if hparams is not None:
-        callbacks.append(HParamsCallback(hparams, log_dir))
+        if num_images:
+            callbacks.insert(2, SamplePredictionsCallback(validation_data, class_names, log_dir,
+                                                          num_images))
     return callbacks
 
 
@@ -98,7 +104,25 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
     optimizer's iteration count, which restarts at 0 when phase 2 of
     fine-tuning compiles a new optimizer; those duplicates of the
     validation `epoch_<metric>` scalars are left out.
+
+    With `hparams` it also records the run as an HParams session, with the
+    epoch logs as `hparams/<name>` scalars, through its own train writer: no
+    extra TensorBoard run, and one event file per folder.
     """
+
+    def __init__(self, log_dir="logs", *, hparams=None, trial_id=None, **kwargs):
+        super().__init__(log_dir, **kwargs)
+        self.hparams, self.trial_id = hparams, trial_id
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.hparams is not None:
+            _write_session(self._train_writer, self.log_dir, self.hparams, self.trial_id)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.hparams is not None:
+            _write_scalars(self._train_writer, logs or {}, epoch)
 
     def on_test_end(self, logs=None):
         self._pop_writer()
@@ -316,7 +340,9 @@ def write_hparams(log_dir, hparams, metrics=None, *, trial_id=None, step=0, clos
         hparams: `{name: value}` (values: bool, int, float or str; others
             are written as `str(value)`).
         metrics: optional `{name: value}` to write at `step`.
-        trial_id: the session's name; defaults to the absolute `log_dir`.
+        trial_id: the session's name; defaults to the run folder's name
+            (`log_dir`'s, or the folder above it when `log_dir` is `logs`,
+            `logs/train`...), readable and the same on every machine.
 
     Returns:
         The summary writer (already closed if `close`).
@@ -326,6 +352,15 @@ def write_hparams(log_dir, hparams, metrics=None, *, trial_id=None, step=0, clos
     >>> write_hparams("runs/a/logs", {"lr": 1e-3, "base": "ResNet50"},
     ...               {"val_accuracy": 0.91})
     """
+    writer = tf.summary.create_file_writer(str(log_dir))
+    _write_session(writer, log_dir, hparams, trial_id)
+    _write_scalars(writer, metrics or {}, step)
+    if close:
+        writer.close()
+    return writer
+
+
+def _write_session(writer, log_dir, hparams, trial_id):
     from tensorboard.plugins.hparams import api as hp
 
     values = {}
@@ -333,13 +368,17 @@ def write_hparams(log_dir, hparams, metrics=None, *, trial_id=None, step=0, clos
         if isinstance(value, np.generic):
             value = value.item()
         values[str(name)] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    writer = tf.summary.create_file_writer(str(log_dir))
     with writer.as_default():
-        hp.hparams(values, trial_id=trial_id or os.path.abspath(log_dir))
-    _write_scalars(writer, metrics or {}, step)
-    if close:
-        writer.close()
-    return writer
+        hp.hparams(values, trial_id=trial_id or _run_name(log_dir))
+    writer.flush()
+
+
+def _run_name(log_dir):
+    """The run folder's name: `log_dir`'s, skipping the `logs`, `train`, ... folders in it."""
+    path = os.path.abspath(log_dir)
+    while os.path.basename(path) in ("logs", "train", "validation"):
+        path = os.path.dirname(path)
+    return os.path.basename(path) or path
 
 
 def _write_scalars(writer, values, step):

@@ -14,7 +14,9 @@ scikit-learn (the 8x8 handwritten digits, randomly shifted and rotated on a
    with the same head.
 3. Both are scored on the same held-out digits 5-9 (averaged over seeds), the
    table is printed and saved, and every run's TensorBoard logs are written
-   under the run folder.
+   under the run folder: validation curves, confusion matrices and Grad-CAM
+   overlays on the held-out digits (shown, never used to select anything),
+   and an HParams table of method, label budget and seed.
 
 Example:
 
@@ -93,7 +95,7 @@ def _with_head(body, num_classes):
     """`body` + the head `build_transfer_model(body)` adds (average pooling, dropout, dense)."""
     L = keras.layers
     return keras.Sequential([body, L.GlobalAveragePooling2D(), L.Dropout(0.2),
-                             L.Dense(num_classes, activation="softmax")])
+                             L.Dense(num_classes, activation="softmax", name="predictions")])
 
 
 def _compile(model):
@@ -150,6 +152,8 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
         test_idx = _sample(yt, min(np.bincount(yt)) // 2, np.random.default_rng(0))
         pool = np.setdiff1d(np.arange(len(yt)), test_idx)
         test = (xt[test_idx], yt[test_idx])
+        val = tlkeras.data.from_arrays(*test, batch_size=64, shuffle=False,
+                                       class_names=[str(c) for c in TARGET_CLASSES])
         largest = int(min(np.bincount(yt[pool])))
         if max(budgets) > largest:
             raise ValueError(f"budgets: at most {largest} labels per class are available, "
@@ -161,14 +165,18 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
                 train_idx = pool[_sample(yt[pool], k, np.random.default_rng(1000 + seed))]
                 xs, ys = _repeat(xt[train_idx]), _repeat(yt[train_idx])
                 tag = f"k{k}_seed{seed}"
+                hparams = {"labels_per_class": k, "seed": seed}
+                # Confusion matrix and Grad-CAM twice a run (each costs a second or two), no grid.
 
                 keras.utils.set_random_seed(seed)
                 model = tlkeras.build_transfer_model(
                     keras.saving.load_model(base_path), num_classes=5, weights=None)
                 tlkeras.fine_tune(
-                    model, tlkeras.data.from_arrays(xs, ys, batch_size=BATCH_SIZE, seed=seed),
+                    model, tlkeras.data.from_arrays(xs, ys, batch_size=BATCH_SIZE, seed=seed), val,
                     head_epochs=5, fine_tune_epochs=6, head_learning_rate=1e-2,
                     fine_tune_learning_rate=3e-3, layer_decay=0.7,
+                    tensorboard={"hparams": {"method": "transfer", **hparams},
+                                 "every_n_epochs": 5, "num_images": 0},
                     run_dir=os.path.join(run_dir, f"transfer_{tag}"), seed=seed, verbose=verbose)
                 transfer = _accuracy(model, test)
 
@@ -180,9 +188,11 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
                     batch_size=BATCH_SIZE,
                     epochs=6,
                     verbose=verbose,
+                    validation_data=val,
                     callbacks=tlkeras.callbacks.tensorboard_callbacks(
-                        os.path.join(run_dir, f"scratch_{tag}", "logs"),
-                        hparams={"method": "scratch", "labels_per_class": k, "seed": seed},
+                        os.path.join(run_dir, f"scratch_{tag}", "logs"), validation_data=val,
+                        hparams={"method": "scratch", **hparams}, every_n_epochs=3,
+                        num_images=0,
                     ),
                 )
                 scratch = _accuracy(scratch_model, test)

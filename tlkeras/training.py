@@ -103,6 +103,7 @@ def fine_tune(
     ema=False,
     mix=None,
     cache_activations="auto",
+    tensorboard=None,
     learning_rate=None,
     log_dir=None,
 ):
@@ -174,6 +175,11 @@ def fine_tune(
             cached float16 activations (`tlkeras.cutpoint`). `"auto"`: when
             there is a single cut, no augmentation and no distribution
             strategy; `True`: an error otherwise; `False`: never.
+        tensorboard: more arguments of `tlkeras.callbacks.tensorboard_callbacks`
+            for the run's logs, e.g. `{"every_n_epochs": 5, "hparams": {...}}`:
+            `hparams` (default: the scalar arguments above, as in
+            `config.json`) to give an experiment's runs one HParams table of
+            its own variables; the trial id defaults to the run folder's name.
         learning_rate, log_dir: deprecated names of `head_learning_rate`, `run_dir`.
     """
     if learning_rate is not None:
@@ -224,7 +230,7 @@ def fine_tune(
         "layer_decay": layer_decay, "gradual_unfreeze": gradual_unfreeze, "ema": ema, "mix": mix,
         "cache_activations": cache_activations,
     }
-    run = _RunFolder(log_dir, config)
+    run = _RunFolder(log_dir, config, tensorboard)
     policy = config["precision"]
     strategy = resolve_strategy(strategy)
     previous_policy = keras.mixed_precision.global_policy()
@@ -372,9 +378,10 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
 class _RunFolder:
     """The run folder: config, history, checkpoints, resume state."""
 
-    def __init__(self, path, config):
+    def __init__(self, path, config, tensorboard=None):
         self.path = os.path.abspath(path) if path else None
         self.config = config
+        self.tensorboard = dict(tensorboard or {})
         self.rows = {}
         self.best = None
         self.monitor = None
@@ -441,7 +448,7 @@ class _RunFolder:
             images = len(model.inputs[0].shape) == 4  # no image grids for text models
             tb_callbacks = tb.tensorboard_callbacks(
                 self.sub("logs"), validation_data=val if images else None, class_names=class_names,
-                hparams=hparams)
+                **{"hparams": hparams, "trial_id": os.path.basename(self.path), **self.tensorboard})
             cbs += [cb if fit_model is model or isinstance(cb, keras.callbacks.TensorBoard)
                     else _OnModel(cb, model) for cb in tb_callbacks]
         return cbs + list(extra)
