@@ -22,12 +22,21 @@ the folder above `logs`, unless `trial_id` names it):
 
 Example:
 
+>>> import keras, numpy as np, tensorflow as tf, tlkeras
+>>> images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+>>> val_ds = tf.data.Dataset.from_tensor_slices((images, np.arange(8) % 2)).batch(4)
+>>> base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3)], name="tiny")
+>>> model = tlkeras.build_transfer_model(base, 2)
+>>> model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
 >>> callbacks = tlkeras.callbacks.tensorboard_callbacks(
-...     "runs/flowers/logs", validation_data=val_ds, class_names=val_ds.class_names,
-...     hparams={"base": "MobileNetV2", "learning_rate": 1e-3})
->>> model.fit(train_ds, validation_data=val_ds, epochs=3, callbacks=callbacks)
->>> model.fit(train_ds, validation_data=val_ds, epochs=6, initial_epoch=3,
-...           callbacks=tlkeras.callbacks.tensorboard_callbacks("runs/flowers/logs", ...))
+...     "runs/tiny/logs", validation_data=val_ds, class_names=["cat", "dog"],
+...     num_images=4, hparams={"base": "tiny", "learning_rate": 1e-3})
+>>> history = model.fit(val_ds, validation_data=val_ds, epochs=1, callbacks=callbacks,
+...                     verbose=0)
+>>> history = model.fit(val_ds, validation_data=val_ds, epochs=2, initial_epoch=1, verbose=0,
+...                     callbacks=tlkeras.callbacks.tensorboard_callbacks("runs/tiny/logs"))
+>>> sorted(os.listdir("runs/tiny/logs"))
+['images', 'train', 'validation']
 """
 
 import os
@@ -349,8 +358,10 @@ def write_hparams(log_dir, hparams, metrics=None, *, trial_id=None, step=0, clos
 
     Example:
 
-    >>> write_hparams("runs/a/logs", {"lr": 1e-3, "base": "ResNet50"},
-    ...               {"val_accuracy": 0.91})
+    >>> writer = write_hparams("runs/a/logs", {"lr": 1e-3, "base": "ResNet50"},
+    ...                        {"val_accuracy": 0.91})
+    >>> os.listdir("runs/a/logs")
+    ['events.out.tfevents...']
     """
     writer = tf.summary.create_file_writer(str(log_dir))
     _write_session(writer, log_dir, hparams, trial_id)
