@@ -2,11 +2,19 @@
 
 Example:
 
->>> report = tlkeras.evaluate(model, val_ds, output_dir="runs/flowers",
-...                           history="runs/flowers/history.csv")
->>> report.metrics["accuracy"], report.per_class["roses"]["f1"]
->>> report.mistakes[0]  # the most confident wrong prediction
-{'index': 17, 'file': '.../roses/123.jpg', 'true': 'roses', 'predicted': 'tulips', ...}
+>>> import keras, numpy as np, tlkeras
+>>> images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+>>> labels = np.arange(8) % 2
+>>> base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3)], name="tiny")
+>>> model = tlkeras.build_transfer_model(base, 2)
+>>> report = tlkeras.evaluate(model, (images, labels), ["cat", "dog"], output_dir="runs/tiny",
+...                           history={"loss": [0.9, 0.7], "val_loss": [0.8, 0.75]})
+>>> report.num_samples, sorted(report.per_class["dog"])
+(8, ['f1', 'precision', 'recall', 'support'])
+>>> sorted(report.files)
+['confusion_matrix', 'html', 'report', 'training_curves']
+>>> sorted(report.mistakes[0])  # the most confident wrong prediction
+['confidence', 'file', 'index', 'predicted', 'true', 'true_probability']
 """
 
 import dataclasses
