@@ -181,7 +181,12 @@ def _cards(items, overlays, names, top_k, examples, report):
         scores = "<br>".join(f"{html.escape(_name(names, c))}: {probabilities[c]:.3f}"
                              for c in top)
         true = _true_label(report, index)
-        images = _img(thumbnail_png(image), f"sample {index}")
+        if np.asarray(image).dtype.kind in "SUO":  # a text model's input: the text itself
+            text = np.asarray(image).reshape(-1)[0]
+            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+            images = f"<blockquote>{html.escape(text[:400])}</blockquote>"
+        else:
+            images = _img(thumbnail_png(image), f"sample {index}")
         if overlays.get(index) is not None:
             images += _img(thumbnail_png(overlays[index]), f"Grad-CAM of sample {index}")
         label = f"true <b>{html.escape(true)}</b>, " if true is not None else ""
