@@ -38,7 +38,7 @@ def main(argv=None):
                           unfreeze=54, unfreeze_unit="layers", optimizer="rmsprop",
                           head_learning_rate=1e-4, fine_tune_learning_rate=1e-5, run_dir=out,
                           seed=1)
-        report = tlkeras.evaluate(model, val, train.class_names, output_dir=out)
+        report = tlkeras.evaluate(model, val, train.class_names, output_dir=out, overwrite=True)
     print(f"validation accuracy {report.metrics['accuracy']:.3f}; run folder {out}")
     return {"accuracy": report.metrics["accuracy"], "log_dir": out, "model": model}
 

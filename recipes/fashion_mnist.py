@@ -64,7 +64,7 @@ def main(argv=None):
     # --smoke trains the head only: phase 2 would trace Xception's training step (slow on a CPU).
     tlkeras.fine_tune(model, train, test, head_epochs=3 if args.smoke else 5,
                       fine_tune_epochs=0 if args.smoke else 2, unfreeze=2, run_dir=out, seed=1)
-    report = tlkeras.evaluate(model, test, CLASSES, output_dir=out)
+    report = tlkeras.evaluate(model, test, CLASSES, output_dir=out, overwrite=True)
     print(f"test accuracy {report.metrics['accuracy']:.3f} on {report.num_samples} images; "
           f"report in {out}")
     return {"accuracy": report.metrics["accuracy"], "weights": weights, "log_dir": out}

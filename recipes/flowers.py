@@ -32,7 +32,7 @@ def main(argv=None):
         result = tlkeras.fine_tune(model, train, val, head_epochs=epochs, fine_tune_epochs=epochs,
                                    unfreeze=3, head_learning_rate=1e-3, cache_features=False,
                                    run_dir=out, seed=1)
-        report = tlkeras.evaluate(model, val, train.class_names, output_dir=out,
+        report = tlkeras.evaluate(model, val, train.class_names, output_dir=out, overwrite=True,
                                   history=result.history)
         exported = tlkeras.export_model(model, os.path.join(out, "export"),
                                         formats=("keras",) if args.smoke else ("keras", "tflite"),

@@ -98,7 +98,7 @@ def main(argv=None):
     tlkeras.fine_tune(model, train, val, head_epochs=1 if args.smoke else 10,
                       fine_tune_epochs=1 if args.smoke else 3, unfreeze=1, head_learning_rate=1e-3,
                       fine_tune_learning_rate=5e-5, run_dir=out, class_names=names, seed=1)
-    report = tlkeras.evaluate(model, val, names, output_dir=out)
+    report = tlkeras.evaluate(model, val, names, output_dir=out, overwrite=True)
     print(f"validation accuracy {report.metrics['accuracy']:.3f}; per class "
           f"{ {n: round(r['f1'], 3) for n, r in report.per_class.items()} }")
     return {"accuracy": report.metrics["accuracy"], "model": model, "log_dir": out}

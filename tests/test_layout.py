@@ -76,14 +76,7 @@ def test_each_module_imports_alone_in_a_fresh_process(module):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-# Modules whose examples still use names they never define (owned by other work in progress):
-# strict xfail, so fixing them turns this list red until it is shortened.
-NOT_YET_SELF_CONTAINED = set()
-
-
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="examples not self-contained yet"))
-    if m in NOT_YET_SELF_CONTAINED else m for m in MODULES])
+@pytest.mark.parametrize("module", MODULES)
 def test_docstring_examples_run(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write files
     imported = importlib.import_module(module)

@@ -206,7 +206,6 @@ def load_base_weights(base, path):
     return weights_module.load_base_weights(base, path)
 
 
-_head_output = anatomy.output_units  # old private names, still used by other modules
 _augmentation_layer = anatomy.augmentation_layer
 
 
