@@ -108,6 +108,14 @@ def test_text_model_takes_raw_strings_and_round_trips(minilm, tmp_path):
     model.save(str(tmp_path / "text.keras"))
     loaded = keras.models.load_model(str(tmp_path / "text.keras"))  # safe mode
     np.testing.assert_allclose(loaded(tf.constant(texts)), predictions, atol=1e-5)
+    # The saved text model is a base like any .keras file: its backbone and tokenizer.
+    reused = tlkeras.build_transfer_model(str(tmp_path / "text.keras"), num_classes=3)
+    assert reused.output_shape == (None, 3) and reused.input.dtype == "string"
+    reused_features, _ = tlkeras.split_model(reused)
+    np.testing.assert_allclose(reused_features(tf.constant(texts)), expected, atol=1e-4)
+    shorter = tlkeras.build_transfer_model(str(tmp_path / "text.keras"), num_classes=3,
+                                           input_shape=(8,))
+    assert shorter.get_layer("preprocessing")(tf.constant(texts))["token_ids"].shape == (2, 8)
     model.export(str(tmp_path / "saved_model"), verbose=False)
     serving = tf.saved_model.load(str(tmp_path / "saved_model"))
     np.testing.assert_allclose(serving.serve(tf.constant(texts)), predictions, atol=1e-5)

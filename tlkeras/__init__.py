@@ -28,6 +28,7 @@ from tlkeras import quiet as _quiet  # noqa: E402
 
 with _quiet.native_stderr_filter():  # TensorFlow's native start-up notices (not errors)
     import keras as _keras  # noqa: E402
+_quiet.start_devices()  # the CUDA probe ("failed call to cuInit" on CPU machines), filtered now
 
 if _keras.backend.backend() != "tensorflow":  # e.g. set in ~/.keras/keras.json
     raise ImportError(

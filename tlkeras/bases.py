@@ -10,7 +10,8 @@ the head. Accepted kinds:
 - a `keras.applications` name from `tlkeras.backbones.list_backbones()`;
 - a `keras.Model` (or layer) you built: it receives raw [0, 255] pixels;
 - a `.keras` file holding a base model, or a whole transfer model saved by
-  `model.save("x.keras")` (its base and preprocessing are taken out);
+  `model.save("x.keras")`, image or text (its base and preprocessing, or its
+  backbone and tokenizer, are taken out);
 - `"hub:<handle>"`, a TF Hub / Kaggle URL or a SavedModel directory;
 - a KerasHub preset name, handle or directory (image or text).
 
@@ -50,7 +51,8 @@ class ResolvedBase(typing.NamedTuple):
     """What the assembly of a transfer model needs to know about its base."""
 
     layer: keras.layers.Layer  # the base (a keras.Model for every kind but a hub module)
-    preprocessing: object  # an `ImagePreprocessing` mode, or a preprocessing layer
+    preprocessing: object  # an `ImagePreprocessing` mode, a preprocessing layer, or (text) None
+    # or the KerasHub text preprocessor taken from a saved text model
     input_shape: tuple  # the model's input: (height, width, 3); for text (length,) or None
     is_text: bool  # whether the model reads raw strings (a KerasHub text preset)
     source: object = None  # the `base` argument (a KerasHub text preset builds its tokenizer)
@@ -119,7 +121,8 @@ def base_features(resolved, *, pooling="avg", augmentation=None):
                 f"build_transfer_model({resolved.source!r}): augmentation is for images, not "
                 "text.")
         return text.text_features(resolved.layer, resolved.source,
-                                  input_shape=resolved.input_shape, pooling=pooling)
+                                  input_shape=resolved.input_shape, pooling=pooling,
+                                  preprocessor=resolved.preprocessing)
     output = getattr(resolved.layer, "output", None)
     if isinstance(output, keras.KerasTensor) and len(output.shape) == 3:
         # vision transformers: (batch, tokens, dim), pooled like text
@@ -177,11 +180,12 @@ def _resolve_keras_file(path, input_shape, weights):
                 "transfer model; pass its KerasHub preset as base instead.")
         resolved = resolve_base(model, input_shape, weights)
         return resolved._replace(source=path)
-    if _has_string_input(model):
-        raise ValueError(
-            f"build_transfer_model: {path!r} holds a text transfer model; pass its KerasHub "
-            "preset as base (and the file as weights=) instead.")
     base = anatomy.get_base(model)
+    if _has_string_input(model):  # a text transfer model: its backbone and its tokenizer
+        preprocessor = anatomy.get_preprocessing(model).preprocessor
+        if weights is not None:
+            weights_module.load_base_weights(base, weights)
+        return ResolvedBase(base, preprocessor, input_shape and tuple(input_shape), True, path)
     if weights is not None:
         weights_module.load_base_weights(base, weights)
     shape = tuple(input_shape) if input_shape is not None else tuple(model.input_shape[1:])

@@ -68,7 +68,6 @@ def main(argv=None):
             # Keras notes that tf.data inputs are not reshuffled by fit: they shuffle themselves.
             warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
             args = parse_args(argv)
-            quiet.start_devices()  # TensorFlow's device start-up notices stay off the screen
             return args.func(args) or 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

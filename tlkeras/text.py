@@ -185,16 +185,16 @@ class TokenPooling(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def text_features(backbone, preset, *, input_shape=None, pooling="avg"):
+def text_features(backbone, preset, *, input_shape=None, pooling="avg", preprocessor=None):
     """The string-input-to-"features" part of a text transfer model.
 
-    `backbone` is the preset's `keras_hub.models.Backbone`. Returns
+    `backbone` is the preset's `keras_hub.models.Backbone` (or the backbone
+    taken out of a saved text model, whose `preprocessor` is then given instead
+    of being loaded from `preset`). Returns
     `(inputs, features, base)`: `base` is `backbone` limited to the output that
     "features" uses (BERT's pooler is left out unless `pooling=None`), so that
     `unfreeze(model, n)` counts from the top layer that actually trains.
     """
-    import keras_hub
-
     if pooling not in ("avg", "max", None):
         raise ValueError(
             f"Expected pooling in ('avg', 'max', None) for text, received pooling={pooling!r}."
@@ -208,13 +208,11 @@ def text_features(backbone, preset, *, input_shape=None, pooling="avg"):
                 f"received input_shape={input_shape!r}."
             )
         kwargs["sequence_length"] = tuple(input_shape)[0]
-    try:
-        preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, **kwargs)
-    except Exception as error:
-        raise ValueError(
-            f"build_transfer_model({preset!r}): KerasHub has no text-classification preprocessor "
-            f"for {type(backbone).__name__} ({type(error).__name__}: {error})."
-        ) from error
+    if preprocessor is not None:  # a saved model's tokenizer, packed to the length asked for
+        if kwargs and kwargs["sequence_length"] != preprocessor.sequence_length:
+            preprocessor = type(preprocessor)(preprocessor.tokenizer, **kwargs)
+    else:
+        preprocessor = _preset_preprocessor(preset, backbone, kwargs)
     outputs = backbone.output
     if isinstance(outputs, dict):  # e.g. BERT: keep only the output used, so no layer sits idle
         key = (
@@ -229,3 +227,15 @@ def text_features(backbone, preset, *, input_shape=None, pooling="avg"):
     mode = pooling or "first"
     pooled = TokenPooling(mode, name=anatomy.FEATURES)([x, tokens["padding_mask"]])
     return inputs, pooled, backbone
+
+
+def _preset_preprocessor(preset, backbone, kwargs):
+    import keras_hub
+
+    try:
+        return keras_hub.models.TextClassifierPreprocessor.from_preset(preset, **kwargs)
+    except Exception as error:
+        raise ValueError(
+            f"build_transfer_model({preset!r}): KerasHub has no text-classification preprocessor "
+            f"for {type(backbone).__name__} ({type(error).__name__}: {error})."
+        ) from error
