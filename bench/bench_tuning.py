@@ -8,7 +8,8 @@ epochs (linear warm-up over 10% of the steps, cosine decay), objective val_accur
 * plain: a `keras_tuner.HyperModel` whose `build` builds the model (loading the base's
   weights) and whose `fit` trains both phases on the images, every trial;
 * tlkeras: `tlkeras.tune(...)`: the base's features are computed once, the head is trained
-  on them once, and every trial runs phase 2 only.
+  on them once, and every trial runs phase 2 only, on cached activations of the frozen part
+  below its depth (computed once per depth; depth 0 on the features).
 
 Base: Xception with the real ImageNet weights (../shared/weights), at 71px (its minimum), on
 Fashion-MNIST (apt-get install dataset-fashion-mnist; scikit-learn digits otherwise).
@@ -148,10 +149,11 @@ def main():
     print(f"plain:   wall {t_plain:7.1f} s  best val_accuracy {best_plain:.4f}")
     print(f"tlkeras: wall {t_tlkeras:7.1f} s  best val_accuracy {result.best_score:.4f}  "
           f"(feature extractions: {result.tuner.hypermodel.feature_extractions}, heads trained: "
-          f"{result.tuner.hypermodel.heads_trained})")
+          f"{result.tuner.hypermodel.heads_trained}, cut-point activation passes: "
+          f"{result.tuner.hypermodel.activation_builds})")
     ratio = t_plain / t_tlkeras
-    met = ratio >= 2 and result.best_score >= best_plain
-    print(f"speed-up {ratio:.2f}x; goal >= 2x at an equal or better best objective: "
+    met = ratio >= 4 and result.best_score >= best_plain
+    print(f"speed-up {ratio:.2f}x; goal >= 4x at an equal or better best objective: "
           f"{'met' if met else 'NOT met'}")
 
 

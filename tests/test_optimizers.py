@@ -107,3 +107,51 @@ def test_killed_run_with_every_option_on_resumes(tmp_path):
     second_run = _epochs_done(progress)
     assert second_run[0] == max(first_run) + 1 and 5 in second_run, (first_run, second_run)
     assert np.isfinite(list(np.load(out).values())[0]).all()
+
+
+class _Killed(BaseException):
+    """Stands for the process being killed (Keras and tlkeras only catch Exception)."""
+
+
+class _KillAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):  # after the run folder's backup of this epoch
+        if epoch == self.epoch:
+            raise _Killed
+
+
+def test_ema_run_killed_in_phase_2_resumes_with_raw_and_averaged_weights_in_place(tmp_path):
+    x, y = digits_rgb(SIZE, classes=[5, 6, 7])
+    train = tlkeras.data.from_arrays(x[:64], y[:64], batch_size=32, shuffle=False)
+    val = tlkeras.data.from_arrays(x[64:96], y[64:96], batch_size=32, shuffle=False)
+    keras.utils.set_random_seed(0)
+    start = tlkeras.build_transfer_model(tiny_base(), 3, dropout=0.0).get_weights()
+    args = dict(head_epochs=1, fine_tune_epochs=3, unfreeze="all", ema=True,
+                learning_rate=1e-2, seed=0, verbose=0)
+
+    def model():
+        fresh = tlkeras.build_transfer_model(tiny_base(), 3, dropout=0.0)
+        fresh.set_weights(start)
+        return fresh
+
+    whole = model()
+    tlkeras.fine_tune(whole, train, val, run_dir=tmp_path / "whole", **args)
+    killed = model()
+    with pytest.raises(_Killed):  # killed at the end of phase 2's first epoch (epoch 1)
+        tlkeras.fine_tune(killed, train, val, run_dir=tmp_path / "killed",
+                          callbacks=[_KillAfterEpoch(1)], **args)
+    resumed = model()
+    result = tlkeras.fine_tune(resumed, train, val, run_dir=tmp_path / "killed", **args)
+    assert len(result.history["loss"]) == 4
+    # Had the resumed run swapped raw and averaged weights, it would train on from the averages.
+    for a, b in zip(whole.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(resumed.optimizer._model_variables_moving_average,
+                    whole.optimizer._model_variables_moving_average):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+    saved = keras.saving.load_model(result.paths["model.keras"])
+    for a, b in zip(saved.get_weights(), whole.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -81,7 +81,10 @@ def split_at(model, depth, unit="blocks"):
     if depth == "all" or not depth or depth >= len(groups):
         return None
     first = groups[len(groups) - depth][1][0]
-    cut = first._inbound_nodes[0].input_tensors if first._inbound_nodes else []
+    graph = getattr(base, "_functional", None) or base  # a Sequential's own graph
+    nodes = {id(node) for depth_nodes in getattr(graph, "_nodes_by_depth", {}).values()
+             for node in depth_nodes}  # a rebuilt base's layers keep stale nodes too
+    cut = next((node.input_tensors for node in first._inbound_nodes if id(node) in nodes), [])
     if len(cut) != 1:
         return None
     try:

@@ -198,5 +198,30 @@ def fine_tuning_setup(model, optimizer, depth="all", unit="blocks", *, layer_dec
                                                initial_epoch))
     if ema:
         optimizer.use_ema = True
-        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        callbacks.append(_ResumableSwapEMAWeights(initial_epoch))
     return optimizer, callbacks
+
+
+class _ResumableSwapEMAWeights(keras.callbacks.SwapEMAWeights):
+    """`SwapEMAWeights(swap_on_epoch=True)` that knows the state a resumed run starts in.
+
+    The run folder's backup is written at an epoch's end, after this callback
+    swapped the averaged weights into the model (the optimizer's averages
+    then hold the raw weights). A run resumed from it starts at a later epoch
+    than the phase's first, in that state: its first epoch swaps back, so
+    training goes on from the raw weights and the averages keep averaging.
+    """
+
+    def __init__(self, initial_epoch=0):
+        super().__init__(swap_on_epoch=True)
+        self.initial_epoch = initial_epoch
+        self._first_epoch = True
+
+    def on_train_begin(self, logs=None):
+        self._first_epoch = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first_epoch:
+            self._first_epoch = False
+            self._ema_weights_in_model = epoch > self.initial_epoch  # restored from a backup
+        super().on_epoch_begin(epoch, logs)

@@ -19,6 +19,13 @@ little more than its trials' fine-tuning:
   `fine_tune`).
   Hyperband's epoch budget is the number of fine-tune epochs; a Hyperband
   trial that continues an earlier one starts from that trial's checkpoint.
+- Without augmentation, a trial's phase 2 runs the frozen part of the base
+  once per depth, not every epoch (`cache_activations`): depth 0 trains the
+  head on phase 1's cached features, depth k the top k blocks on the
+  float16 activations below them (`tlkeras.cutpoint`, cached in
+  `activations/`, keyed on the frozen weights and the data, shared by every
+  trial of that depth). The trial table's `cached` column says which trials
+  did; their objective equals recomputing's to float16 rounding.
 
 Example:
 
@@ -94,8 +101,9 @@ import time
 import keras
 import keras_tuner as kt
 import numpy as np
+import tensorflow as tf
 
-from tlkeras import anatomy, deprecation, features, models, phases, validation
+from tlkeras import anatomy, cutpoint, deprecation, features, models, phases, validation
 from tlkeras import augmentation as augmentation_module  # `augmentation` is an argument
 from tlkeras import callbacks as tb
 from tlkeras.export import export_model
@@ -167,6 +175,7 @@ def tune(
     export_formats=("keras",),
     seed=None,
     verbose=1,
+    cache_activations="auto",
     directory=None,
     project_name=None,
     **tuner_kwargs,
@@ -198,6 +207,11 @@ def tune(
         seed: makes the search repeatable: seeds the tuner (with `seed + 1`: Keras
             Tuner takes 0 for no seed), the head's initial weights and shuffling.
         verbose: 0 silent, 1 Keras Tuner's and Keras' progress output.
+        cache_activations: `"auto"` (the default): each trial's phase 2
+            trains only the unfrozen top on cached activations of the frozen
+            part when the model has no augmentation and no distribution
+            strategy is in use; `False`: every trial runs the whole model on
+            the images.
         directory, project_name: deprecated (Keras Tuner's names): the folder
             `directory/project_name` is `run_dir`.
         **tuner_kwargs: more arguments of the Keras Tuner class, e.g.
@@ -233,7 +247,7 @@ def tune(
     project_dir = os.path.join(os.fspath(directory), project_name)
     hypermodel = TransferHyperModel(
         reference, search_space, project_dir=project_dir, head_epochs=head_epochs,
-        head_learning_rate=head_learning_rate, seed=seed)
+        head_learning_rate=head_learning_rate, seed=seed, cache_activations=cache_activations)
     kind = TUNERS[tuner]
     budget = {"max_epochs": max_epochs} if tuner == "hyperband" else {"max_trials": max_trials}
     search = kind(hypermodel, objective=objective, directory=os.fspath(directory),
@@ -262,12 +276,16 @@ class TransferHyperModel(kt.HyperModel):
             pretrained base (not modified).
         search_space: see `tune`.
         project_dir: where `features/`, `phase1/` and `logs/` go.
-        head_epochs, head_learning_rate, seed: see `tune`.
+        head_epochs, head_learning_rate, seed, cache_activations: see `tune`.
     """
 
     def __init__(self, reference, search_space=None, *, project_dir, head_epochs=5,
-                 head_learning_rate=1e-3, seed=None):
+                 head_learning_rate=1e-3, seed=None, cache_activations="auto"):
         super().__init__(name="tlkeras")
+        if cache_activations not in ("auto", False):
+            raise ValueError("Expected cache_activations to be 'auto' or False, received "
+                             f"cache_activations={cache_activations!r}.")
+        self.cache_activations = cache_activations
         self.project_dir = project_dir
         self.head_epochs = head_epochs
         self.head_learning_rate = head_learning_rate
@@ -290,6 +308,7 @@ class TransferHyperModel(kt.HyperModel):
         self._steps = None
         self.feature_extractions = 0  # base passes over the data in this process (phase 1)
         self.heads_trained = 0
+        self.activation_builds = 0  # passes of a frozen part over the data (phase 2's cache)
 
     def values(self, hp):
         """The trial's settings: the search space's values, defaults for the rest."""
@@ -347,30 +366,66 @@ class TransferHyperModel(kt.HyperModel):
         models.unfreeze(model, values["unfreeze"], unit="blocks")
         if self._steps is None:
             self._steps = phases.steps_per_epoch(x)
+        fit_model, x, validation_data = self._phase2_inputs(model, values["unfreeze"], x,
+                                                            validation_data, verbose)
         schedule = phases.fine_tune_schedule(values["fine_tune_learning_rate"], self._steps,
                                               epochs)
-        optimizer = phases.compile_for_task(model, self.task, optimizer=values["optimizer"],
+        optimizer = phases.compile_for_task(fit_model, self.task, optimizer=values["optimizer"],
                                             learning_rate=schedule,
                                             label_smoothing=values["label_smoothing"])
         if initial_epoch:  # a Hyperband continuation: resume the schedule where it would be
-            optimizer.build(model.trainable_variables)
+            optimizer.build(fit_model.trainable_variables)
             optimizer.iterations.assign(initial_epoch * self._steps)
         callbacks = list(callbacks or [])
         trial_id = next((cb.trial.trial_id for cb in callbacks if hasattr(cb, "trial")), None)
+        if fit_model is not model:  # Keras Tuner's checkpoint (and the rest) act on the model
+            model.stop_training = False
+            callbacks = [cb if isinstance(cb, keras.callbacks.TensorBoard)
+                         else _OnFullModel(cb, model) for cb in callbacks]
         if trial_id is not None:
             log_dir = os.path.join(self.project_dir, "logs", f"trial_{trial_id}")
             hparams = {k: v for k, v in hp.values.items()
                        if k not in ("tuner/bracket", "tuner/round")}
             callbacks += [tb.EpochTensorBoard(log_dir, write_graph=False),
                           tb.HParamsCallback(hparams, log_dir, trial_id=f"trial_{trial_id}")]
-        history = model.fit(x, validation_data=validation_data, epochs=epochs,
-                            initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
-                            **kwargs)
+        history = fit_model.fit(x, validation_data=validation_data, epochs=epochs,
+                                initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
+                                **kwargs)
         # Constant columns: Keras Tuner keeps the best epoch's values as the trial's metrics.
         n = len(history.epoch)
         history.history["epochs"] = [float(n)] * n
         history.history["seconds"] = [time.perf_counter() - start] * n
+        history.history["cached"] = [float(fit_model is not model)] * n
         return history
+
+    def _phase2_inputs(self, model, depth, train, val, verbose):
+        """`(fit_model, train, val)`: the unfrozen top on cached activations, or `model` as is.
+
+        Depth 0 reuses phase 1's features (float32); depth k caches the
+        activations below the top k blocks (float16, `tlkeras.cutpoint`).
+        """
+        if (self.cache_activations is False or anatomy.has_augmentation(model)
+                or tf.distribute.has_strategy()):
+            return model, train, val
+        batch_size = phases.batch_size(train)
+        if depth == 0:
+            _, head = anatomy.split_model(model)
+            train_features, val_features = self._cached_features(model, train, val, verbose)
+            return head, features.features_dataset(
+                train_features, batch_size=batch_size, seed=self.seed), features.features_dataset(
+                val_features, batch_size=phases.batch_size(val), shuffle=False)
+        parts = cutpoint.split_at(model, depth, "blocks")
+        if parts is None:  # nothing frozen below ("all"), or no single cut
+            return model, train, val
+        bottom, top = parts
+        sets, built = _passes(os.path.join(self.project_dir, "activations"), train, val,
+                              lambda data, **kw: cutpoint.cut_activations(bottom, data, **kw),
+                              verbose)
+        if sets is None:  # over the memory budget
+            return model, train, val
+        self.activation_builds += built
+        return top, sets[0].dataset(batch_size, True, self.seed), sets[1].dataset(
+            phases.batch_size(val), False)
 
     def _model(self, head_units, dropout):
         """A fresh copy of the reference model with the trial's head.
@@ -420,14 +475,10 @@ class TransferHyperModel(kt.HyperModel):
 
     def _cached_features(self, model, train, val, verbose):
         if self._features is None:
-            cache = os.path.join(self.project_dir, "features")
-            sets = []
-            for key, data in (("train", train), ("validation", val)):
-                before = set(glob.glob(os.path.join(cache, "*.npz")))
-                sets.append(features.extract_features(
-                    model, data, cache_dir=cache, key=f"{key}-{int(data.cardinality())}",
-                    verbose=verbose))
-                self.feature_extractions += sets[-1].cache_path not in before
+            sets, built = _passes(os.path.join(self.project_dir, "features"), train, val,
+                                  lambda data, **kw: features.extract_features(model, data, **kw),
+                                  verbose)
+            self.feature_extractions += built
             self._features = tuple(sets)
         return self._features
 
@@ -443,9 +494,10 @@ def trials_table(trials, objective_name):
             row["continues"] = values["tuner/trial_id"]
         metrics = trial.metrics
         row[objective_name] = trial.score
-        for name in ("epochs", "seconds"):
+        for name in ("epochs", "seconds", "cached"):
             row[name] = metrics.get_last_value(name) if metrics.exists(name) else None
-        row["epochs"] = int(row["epochs"]) if row["epochs"] is not None else None
+        for name in ("epochs", "cached"):
+            row[name] = int(row[name]) if row[name] is not None else None
         rows.append(row)
     return rows
 
@@ -537,6 +589,58 @@ class _Hyperparameters(dict):
             raise KeyError(key)
         return self[deprecation.renamed("TuneResult.best_hyperparameters", repr(key), new,
                                         repr(new))]
+
+
+def _passes(cache, train, val, compute, verbose):
+    """`([train, validation] cached by compute(data, cache_dir, key, verbose), new files)`.
+
+    `(None, 0)` when `compute` declines (returns None).
+    """
+    sets, built = [], 0
+    for key, data in (("train", train), ("validation", val)):
+        before = set(glob.glob(os.path.join(cache, "*.npz")))
+        out = compute(data, cache_dir=cache, key=f"{key}-{int(data.cardinality())}",
+                      verbose=verbose)
+        if out is None:
+            return None, 0
+        sets.append(out)
+        built += out.cache_path not in before
+    return sets, built
+
+
+class _OnFullModel(keras.callbacks.Callback):
+    """Runs `callback` against the trial's whole model while `fit` trains its top alone.
+
+    The top shares the model's layers, so a checkpoint of the model taken
+    after the top's epoch holds what the epoch trained. A stop requested
+    on the model (`EarlyStopping`) is passed on to the top's `fit`.
+    """
+
+    def __init__(self, callback, model):
+        super().__init__()
+        self.callback, self.full_model, self.fit_model = callback, model, None
+        callback.set_model(model)
+
+    def set_model(self, model):
+        self.fit_model = model
+
+    def set_params(self, params):
+        self.callback.set_params(params)
+
+
+def _forward(hook):
+    def method(self, *args, **kwargs):
+        getattr(self.callback, hook)(*args, **kwargs)
+        if self.full_model.stop_training and self.fit_model is not None:
+            self.fit_model.stop_training = True
+    method.__name__ = hook
+    return method
+
+
+for _hook in ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
+              "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
+              "on_test_batch_begin", "on_test_batch_end"):
+    setattr(_OnFullModel, _hook, _forward(_hook))
 
 
 def _trains(layers):
