@@ -33,13 +33,14 @@ NOISE = re.compile(
 @contextlib.contextmanager
 def native_stderr_filter():
     """Drops TensorFlow's native start-up notices written to fd 2 inside the block."""
+    # Descriptor 2 itself: in Jupyter sys.stderr.fileno() is a copy of it, not what TensorFlow uses.
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured)
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # no descriptor 2 (or no sys.stderr)
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
     with tempfile.TemporaryFile(mode="w+b") as capture:
         os.dup2(capture.fileno(), fd)
         try:

@@ -338,7 +338,7 @@ def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weig
         _support_multi_worker_fit(model, strategy, train)
     cbs = run.callbacks(model, fit_model, "phase1", val, class_names, patience, extra, steps=None)
     fit_model.fit(fit_train, validation_data=fit_val, epochs=epochs, class_weight=class_weight,
-                  callbacks=cbs, verbose=verbose)
+                  callbacks=cbs, verbose=verbose, shuffle=False)  # tf.data shuffles itself
     run.mark_phase1_done(model)
     return use_cache
 
@@ -372,7 +372,7 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
                                            extra, steps=steps, initial_epoch=head_epochs)
     fit_model.fit(fit_train, validation_data=fit_val, epochs=head_epochs + epochs,
                   initial_epoch=head_epochs, class_weight=class_weight, callbacks=cbs,
-                  verbose=verbose)
+                  verbose=verbose, shuffle=False)  # tf.data shuffles itself
 
 
 class _RunFolder:

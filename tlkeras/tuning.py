@@ -388,6 +388,7 @@ class TransferHyperModel(kt.HyperModel):
                        if k not in ("tuner/bracket", "tuner/round")}
             callbacks += [tb.EpochTensorBoard(log_dir, write_graph=False),
                           tb.HParamsCallback(hparams, log_dir, trial_id=f"trial_{trial_id}")]
+        kwargs.setdefault("shuffle", False)  # tf.data shuffles itself (True: a Keras warning)
         history = fit_model.fit(x, validation_data=validation_data, epochs=epochs,
                                 initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
                                 **kwargs)
@@ -461,7 +462,7 @@ class TransferHyperModel(kt.HyperModel):
                 features.features_dataset(train_features, batch_size=batch_size, seed=self.seed),
                 validation_data=features.features_dataset(val_features, batch_size=batch_size,
                                                           shuffle=False),
-                epochs=self.head_epochs, verbose=verbose)
+                epochs=self.head_epochs, verbose=verbose, shuffle=False)
             arrays = {f"{layer.name}/{i}": w for layer in _head_layers(phase1)
                       for i, w in enumerate(layer.get_weights())}
             os.makedirs(os.path.dirname(path), exist_ok=True)
