@@ -38,7 +38,6 @@ import sys
 import tempfile
 import warnings
 
-from tlkeras import quiet
 
 DATA_SOURCES = ("image_dir", "tfds", "csv")
 
