@@ -147,6 +147,41 @@ def test_config_file_reproduces_a_run(work, trained):
         np.testing.assert_allclose(first[name], second[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_fine_tune_options_reach_the_run_folder_and_tta_evaluates(work, capsys, monkeypatch):
+    """layer decay, gradual unfreezing, EMA, MixUp, an augmentation preset and 'find' from the
+    command line; then `evaluate --tta` on the run."""
+    monkeypatch.chdir(work)
+    assert cli.main(["train", "--image_dir", "easy", *TRAIN, "--head_epochs", "1",
+                     "--fine_tune_epochs", "2", "--unfreeze", "2", "--layer_decay", "0.5",
+                     "--gradual_unfreeze", "1", "--ema", "--mix", "mixup",
+                     "--augmentation", "light", "--fine_tune_learning_rate", "find",
+                     "--validation_split", "0.25", "--run_dir", "options"]) == 0
+    config = json.loads((work / "options" / "config.json").read_text())
+    assert (config["layer_decay"], config["gradual_unfreeze"], config["ema"], config["mix"]) == (
+        0.5, 1, True, "mixup")
+    assert config["fine_tune_learning_rate"] == "find"
+    assert (work / "options" / "lr_find_fine_tune.png").is_file()  # the sweep phase 2 used
+    assert json.loads((work / "options" / "cli_config.json").read_text())["augmentation"] == "light"
+    import keras
+
+    model = keras.saving.load_model(work / "options" / "model.keras")
+    assert type(model.optimizer).__name__ == "LayerwiseAdam" and model.optimizer.use_ema
+    assert model.get_layer("augmentation") is not None
+    # evaluate --tta: noise images labelled red/blue give mistakes whose confidence is the
+    # flip-averaged probability (predict(tta=True) is checked against the views in test_predict).
+    write_images(work / "noisy", {"red": None, "blue": None}, 4, np.random.default_rng(3))
+    assert cli.main(["evaluate", "--model", "options", "--image_dir", "noisy", "--tta",
+                     "--output_dir", "ev_tta"]) == 0
+    mistakes = json.loads((work / "ev_tta" / "report.json").read_text())["mistakes"]
+    assert mistakes
+    import tlkeras
+
+    for mistake in mistakes:
+        by_tta = tlkeras.predict("options", mistake["file"], tta=True)  # the run: its names
+        assert by_tta.labels[0] == mistake["predicted"]
+        assert by_tta.probabilities.max() == pytest.approx(mistake["confidence"], abs=1e-5)
+
+
 def test_assert_accuracy_fails_and_exports_nothing(work):
     result = run("train", "--image_dir", "hard", *TRAIN, "--head_epochs", "1",
                  "--fine_tune_epochs", "0", "--validation_split", "0.5",

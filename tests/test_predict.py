@@ -98,3 +98,27 @@ def test_cli_predict_reads_exports_and_fails_clearly(trained, capsys):
         Predictor(str(root / "new"))
     with pytest.raises(ValueError, match=r"shape \(2, 5\)"):
         tlkeras.predict(root / "run", np.zeros((2, 5)))
+
+
+def test_tta_averages_the_flipped_views_for_every_model_kind(trained, capsys):
+    root, model = trained
+    rng = np.random.default_rng(1)
+    images = np.concatenate([_colour_images(rng, RED, 3, (16, 16)),
+                             _colour_images(rng, BLUE, 3, (16, 16))])
+    views = [images, images[:, :, ::-1]]  # the image and its horizontal mirror
+    expected = np.mean([model.predict(v, verbose=0) for v in views], axis=0)
+    plain = tlkeras.predict(model, images).probabilities
+    assert np.abs(plain - expected).max() > 1e-7  # the flipped view really counts
+    np.testing.assert_allclose(tlkeras.tta.tta_model(model).predict(images, verbose=0), expected,
+                               rtol=1e-5, atol=1e-6)
+    for source in [model, root / "run", root / "run" / "model.keras",
+                   root / "export" / "model.tflite"]:
+        result = tlkeras.predict(source, images, top_k=1, tta=True)
+        np.testing.assert_allclose(result.probabilities, expected, atol=1e-5, err_msg=str(source))
+    output = root / "tta.csv"
+    assert cli.main(["predict", "--model", str(root / "run"), str(root / "new"), "--tta",
+                     "--top_k", "1", "--output", str(output)]) == 0
+    rows = list(csv.DictReader(output.open()))
+    by_api = tlkeras.predict(root / "run", str(root / "new"), top_k=1, tta=True)
+    assert [float(r["probability_1"]) for r in rows] == pytest.approx(
+        by_api.probabilities.max(-1), abs=1e-6)

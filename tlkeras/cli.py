@@ -199,6 +199,16 @@ def _ints(text):
         ) from None
 
 
+def _rate_or_find(text):
+    if text == "find":
+        return text
+    try:
+        return _number(float, 0, low_open=True)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'find', received {text!r}"
+                                         ) from None
+
+
 def _depth(text):
     if text == "all":
         return text
@@ -243,10 +253,22 @@ def build_parser():
                    help="phase 2 unfreezes this many blocks (or layers) of the base, or 'all'")
     g.add_argument("--unfreeze_unit", choices=("blocks", "layers"), default="blocks")
     g.add_argument("--head_learning_rate", "--learning_rate", dest="learning_rate",
-                   type=_number(float, 0, low_open=True), default=1e-3,
-                   help="phase 1 learning rate (--learning_rate: its old name)")
-    g.add_argument("--fine_tune_learning_rate", type=_number(float, 0, low_open=True),
-                   help="phase 2 peak learning rate (default: head_learning_rate / 20)")
+                   type=_rate_or_find, default=1e-3,
+                   help="phase 1 learning rate, or 'find' (tlkeras.lr_find's suggestion); "
+                   "--learning_rate: its old name")
+    g.add_argument("--fine_tune_learning_rate", type=_rate_or_find,
+                   help="phase 2 peak learning rate, or 'find' (default: head_learning_rate / 20)")
+    g.add_argument("--layer_decay", type=_number(float, 0, 1, low_open=True), metavar="FACTOR",
+                   help="phase 2: each unfrozen block down from the head trains at FACTOR times "
+                   "the learning rate of the one above")
+    g.add_argument("--gradual_unfreeze", type=_number(int, 1), metavar="N",
+                   help="phase 2: start with the top block training, add the next one down "
+                   "every N epochs")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="phase 2: keep an exponential moving average of the weights; validate, "
+                   "checkpoint and save the averaged weights")
+    g.add_argument("--mix", choices=("none", "mixup", "cutmix"), default="none",
+                   help="phase 2: train on MixUp / CutMix batches with soft labels")
     g.add_argument("--warmup_epochs", type=_number(float, 0), default=1)
     g.add_argument("--optimizer", choices=("adam", "adamw", "sgd", "rmsprop"), default="adam")
     g.add_argument("--momentum", type=_number(float, 0, 1),
@@ -313,6 +335,8 @@ def build_parser():
     evaluate.add_argument("--output_dir", help="where report.json and confusion_matrix.png go "
                                                "(default: <model folder>/evaluation)")
     evaluate.add_argument("--top_k", type=_number(int, 1), default=5)
+    evaluate.add_argument("--tta", action="store_true",
+                          help="test-time augmentation: average with the flipped images")
 
     explain = add("explain", "Explain predictions: heatmap overlays of image files and an "
                   "index.html.")
@@ -337,6 +361,8 @@ def build_parser():
         "--output", metavar="FILE", help="a .csv or .json file (default: CSV on stdout)"
     )
     predict.add_argument("--batch_size", type=_number(int, 1), default=32)
+    predict.add_argument("--tta", action="store_true",
+                         help="test-time augmentation: average with the flipped images")
 
     export = add(
         "export", "Export a trained model (.keras, SavedModel, TFLite), verified against it."
@@ -785,6 +811,10 @@ def cmd_train(args):
             class_names=class_names,
             seed=args.seed,
             verbose=_verbose(),
+            layer_decay=args.layer_decay,
+            gradual_unfreeze=args.gradual_unfreeze,
+            ema=args.ema,
+            mix=None if args.mix == "none" else args.mix,
         )
         if val is not None:
             report = tlkeras.evaluate(result.model, val, class_names,
@@ -886,7 +916,7 @@ def cmd_evaluate(args):
         os.path.join(os.path.dirname(os.path.abspath(_model_path(args.model))), "evaluation"))
     with _quiet_tf():
         report = tlkeras.evaluate(model, data, names, top_k=args.top_k, output_dir=output_dir,
-                                  class_steps=steps)
+                                  class_steps=steps, tta=args.tta)
     print(f"{report.num_samples} images")
     for key, value in report.metrics.items():
         print(f"{key:>20}: {value:.4f}")
@@ -962,7 +992,8 @@ def cmd_predict(args):
     except (OSError, ValueError) as error:
         raise UsageError(f"argument --model: {error}") from None
     with _quiet_tf():
-        result = predict(model, args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+        result = predict(model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                         tta=args.tta)
     for path, reason in result.skipped:
         print(f"skipping {path}: {reason}", file=sys.stderr)
     if args.output and args.output.endswith(".json"):

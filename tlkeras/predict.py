@@ -44,6 +44,7 @@ from tlkeras import export as export_module
 from tlkeras import hub  # noqa: F401 - registers HubLayer for loading .keras files
 from tlkeras import layers  # noqa: F401 - registers tlkeras layers for loading .keras files
 from tlkeras import text
+from tlkeras import tta as tta_module  # `tta` is an argument
 from tlkeras import validation
 
 __all__ = ["Predictions", "Predictor", "Run", "load_run", "predict"]
@@ -286,7 +287,8 @@ class Predictor:
         return np.asarray(outputs, "float32")
 
 
-def predict(model_or_run, inputs, *, top_k=3, class_names=None, batch_size=32, verbose="auto"):
+def predict(model_or_run, inputs, *, top_k=3, class_names=None, batch_size=32, verbose="auto",
+            tta=False):
     """Predicts the top-k classes of images or texts with any model tlkeras makes.
 
     Args:
@@ -303,6 +305,10 @@ def predict(model_or_run, inputs, *, top_k=3, class_names=None, batch_size=32, v
             `labels.txt` beside the model, else `"0"`, `"1"`, ...
         batch_size: images or texts per model call.
         verbose: `"auto"` (a progress bar for files on a terminal), True or False.
+        tta: test-time augmentation: average each image's outputs with those
+            of its horizontally flipped copy (`tlkeras.tta.views`, the views
+            of `tlkeras.tta.tta_model` and `evaluate(..., tta=True)`); image
+            models of every kind.
 
     Returns:
         `Predictions`.
@@ -322,10 +328,19 @@ def predict(model_or_run, inputs, *, top_k=3, class_names=None, batch_size=32, v
             predictor.set_class_names(class_names)
     else:
         predictor = Predictor(model_or_run, class_names)
+    if tta and predictor.texts:
+        raise ValueError(f"predict: tta=True averages flipped images, but {predictor.name!r} "
+                         "takes texts; use tta=False.")
     batches, sources, kind, skipped, total = _batches(predictor, inputs, batch_size)
     show = (sys.stderr.isatty() and kind == "file") if verbose == "auto" else bool(verbose)
-    outputs = [predictor(b) for b in tqdm(batches, desc="predict", unit="batch", total=total,
-                                            disable=not show, file=sys.stderr)]
+
+    def outputs_of(batch):
+        if not tta:
+            return predictor(batch)
+        return np.mean([predictor(view) for view in tta_module.views(batch)], axis=0)
+
+    outputs = [outputs_of(b) for b in tqdm(batches, desc="predict", unit="batch", total=total,
+                                           disable=not show, file=sys.stderr)]
     probabilities = np.concatenate(outputs) if outputs else np.zeros((0, predictor.num_outputs))
     if probabilities.shape[-1] == 1:  # one sigmoid: P(class 1)
         probabilities = np.concatenate([1 - probabilities, probabilities], axis=-1)

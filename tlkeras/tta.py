@@ -2,7 +2,9 @@
 
 `tta_model(model)` builds a `keras.Model` that does it inside, from
 deterministic layers only, so it saves to `.keras` (safe mode) and exports
-like any other model. `tlkeras.evaluate(model, data, tta=True)` scores it.
+like any other model. `tlkeras.evaluate(model, data, tta=True)` scores it and `tlkeras.predict(model,
+inputs, tta=True)` predicts with it (any model kind `predict` takes: the views
+are averaged outside exported models).
 
 Example:
 
@@ -15,8 +17,9 @@ Example:
 """
 
 import keras
+import numpy as np
 
-__all__ = ["Flip", "tta_model"]
+__all__ = ["Flip", "tta_model", "views"]
 
 _AXES = {"horizontal": -2, "vertical": -3}
 
@@ -57,3 +60,14 @@ def tta_model(model, flips=("horizontal",)):
         return keras.Model(inputs, outputs[0], name=f"{model.name}_tta")
     average = keras.layers.Average(name="tta_average", dtype="float32")(outputs)
     return keras.Model(inputs, average, name=f"{model.name}_tta")
+
+
+def views(images, flips=("horizontal",)):
+    """The batch `images` and its flipped copies (numpy), the views `tta_model` averages.
+
+    >>> import numpy as np
+    >>> [v[0, 0, :, 0].tolist() for v in views(np.arange(3.0).reshape(1, 1, 3, 1))]
+    [[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]]
+    """
+    images = np.asarray(images)
+    return [images] + [np.ascontiguousarray(np.flip(images, axis=_AXES[mode])) for mode in flips]
