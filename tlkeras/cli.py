@@ -339,7 +339,7 @@ def build_parser():
                           help="test-time augmentation: average with the flipped images")
 
     explain = add("explain", "Explain predictions: heatmap overlays of image files and an "
-                  "index.html.")
+                  "index.html (a text model: .txt files, one text each, shaded in tokens.html).")
     explain.add_argument("inputs", nargs="+", type=_existing("path"), metavar="IMAGE")
     explain.add_argument("--model", required=True, type=_existing("path"),
                          help="a .keras file, a run folder, an exported SavedModel folder or a "
@@ -347,7 +347,8 @@ def build_parser():
     explain.add_argument("--output_dir", required=True)
     explain.add_argument("--method", choices=("gradcam", "gradcam++", "integrated_gradients",
                                               "occlusion"),
-                         help="default: gradcam for Keras models, occlusion for exports")
+                         help="default: gradcam for Keras image models, occlusion for "
+                              "exports, integrated_gradients for text models")
 
     predict = add("predict", "Predict the top-k labels of image files or folders.")
     predict.add_argument("inputs", nargs="+", type=_existing("path"), metavar="IMAGE_OR_FOLDER")
@@ -950,6 +951,8 @@ def cmd_explain(args):
         labels = [os.path.join(folder, "labels.txt"), os.path.join(folder, "..", "labels.txt")]
         labels = next((path for path in labels if os.path.isfile(path)), None)
         names = open(labels).read().split("\n") if labels else []
+    if keras_model and model.inputs[0].dtype == "string":
+        return _explain_texts(args, model, names)
     method = args.method or ("gradcam" if keras_model else "occlusion")
     size = input_size(model if keras_model else args.model)
     files = data.from_files(args.inputs, size)  # unreadable files are skipped and listed
@@ -972,6 +975,21 @@ def cmd_explain(args):
     page = index_page(os.path.join(args.output_dir, "index.html"),
                       f"{method} of {os.path.basename(os.path.abspath(args.model))}", cards)
     print(f"{len(paths)} overlays ({method}) in {args.output_dir}; page: {page}")
+    return 0
+
+
+def _explain_texts(args, model, names):
+    """`tlkeras explain` on a text model: each input file is one text."""
+    from tlkeras.explain import explain
+
+    texts = [open(path, encoding="utf-8", errors="replace").read() for path in args.inputs]
+    with _quiet_tf():
+        result = explain(model, texts, method=args.method)
+    names = names or []
+    captions = [os.path.basename(path) + (f" ({names[c]})" if c < len(names) and names[c] else "")
+                for path, c in zip(args.inputs, result.explained)]
+    page = result.save(args.output_dir, captions)[0]
+    print(f"{len(texts)} texts explained ({result.method}); page: {page}")
     return 0
 
 

@@ -16,16 +16,29 @@ Example:
 (2, 64, 64)
 >>> bool(explanation.heatmaps.min() >= 0)
 True
+
+Text models get `(word, score)` pairs on the text's words (integrated gradients on the token
+embeddings for KerasHub presets; occlusion here, as this model has no token embedding):
+
+>>> import keras
+>>> vectorize = keras.layers.TextVectorization(vocabulary=["oil", "shares"], output_mode="count")
+>>> text = keras.Input((), dtype="string")
+>>> text_model = keras.Model(text, keras.layers.Dense(2, activation="softmax")(vectorize(text)))
+>>> explanation = tlkeras.explain(text_model, ["Oil prices rose"])
+>>> explanation.method, [word for word, score in explanation.tokens[0]]
+('occlusion', ['Oil', 'prices', 'rose'])
 """
 
 import dataclasses
 import os
+import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tlkeras.export import run_tflite
+from tlkeras.anatomy import PREPROCESSING
 from tlkeras.layers import InferenceMode
 from tlkeras.models import get_base
 
@@ -67,10 +80,12 @@ class Explanation:
         probabilities: `(N, classes)` model outputs.
         images: the explained inputs (images, or strings for text models).
         layer_name: the layer Grad-CAM used (else None).
-        attributions: raw per-pixel-and-channel attributions
-            (`"integrated_gradients"`: they sum to the score difference from
-            the baseline), else None.
-        tokens: text models: per input, a list of `(token, score)` pairs.
+        attributions: `"integrated_gradients"`'s raw attributions, which sum
+            to the score difference from the baseline: per pixel and channel
+            `(N, H, W, C)` for images, per position of the packed token
+            sequence `(N, sequence_length)` for text; else None.
+        tokens: text models: per input, a list of `(token, score)` pairs on
+            the text's words (see `explain`'s `method`).
         check: a `RandomizationCheck` when `explain(..., check=True)`.
     """
 
@@ -92,16 +107,29 @@ class Explanation:
         return overlay(self.images, self.heatmaps, alpha=alpha, colormap=colormap)
 
     def save(self, directory, names=None):
-        """Writes one PNG overlay per image (or one HTML page of highlighted text).
+        """Writes one PNG overlay per image, or for text one page `tokens.html`.
 
+        `tokens.html` shows each text with its words shaded by score (red: for
+        the explained class, blue: against it; hover for the value) under a
+        caption: `names[i]` if given, then the explained class and its score.
         Returns the list of written paths.
         """
+        import html
+
         os.makedirs(directory, exist_ok=True)
         if self.heatmaps is None:
             path = os.path.join(directory, "tokens.html")
+            names = names or [f"text {i}" for i in range(len(self.tokens))]
+            scores = [_class_scores(p[None], c)[0] for p, c in zip(self.probabilities,
+                                                                   self.explained)]
             with open(path, "w") as f:
-                f.write("<!doctype html><meta charset='utf-8'><body>")
-                f.write("".join(f"<p>{html_tokens(pairs)}</p>" for pairs in self.tokens))
+                f.write("<!doctype html><meta charset='utf-8'><title>tokens</title><body "
+                        "style='font-family:sans-serif;line-height:1.6;max-width:60em'>"
+                        f"<h1>{html.escape(self.method)}</h1>")
+                f.write("".join(
+                    f"<h3>{html.escape(str(name))}: class {int(c)} ({score:.3f})</h3>"
+                    f"<p>{html_tokens(pairs)}</p>"
+                    for name, c, score, pairs in zip(names, self.explained, scores, self.tokens)))
             return [path]
         names = names or [f"{i:04d}_class{int(c)}.png" for i, c in enumerate(self.explained)]
         paths = []
@@ -115,11 +143,11 @@ def explain(
     model,
     inputs,
     *,
-    method="gradcam",
+    method=None,
     class_index=None,
     layer_name=None,
     steps=32,
-    baseline=0.0,
+    baseline=None,
     patch_size=None,
     stride=None,
     batch_size=32,
@@ -135,13 +163,27 @@ def explain(
         inputs: images `(N, H, W, 3)` of raw [0, 255] pixels (one image
             `(H, W, 3)` is accepted), or a list of strings for a text model.
         method: `"gradcam"`, `"gradcam++"`, `"integrated_gradients"` or
-            `"occlusion"`. Text models use occlusion over tokens.
+            `"occlusion"`. Default: `"gradcam"` for images; for text,
+            `"integrated_gradients"` on the token embeddings of a tlkeras
+            model on a KerasHub preset (one pass per path step, whatever the
+            text's length), else `"occlusion"` (one pass per word).
+            Text models get `(token, score)` pairs in `.tokens`: the words of
+            the text (split at whitespace, so they line up with it) with their
+            score; integrated gradients sum each word's word pieces (special
+            and padding tokens are left out; words past the model's sequence
+            length score 0; a tokenizer that does not split word by word, such
+            as a byte-pair encoder, gives its own tokens instead), occlusion
+            gives the drop of the class score when the word is removed.
         class_index: the class to explain: an int, one per input, or None for
             the predicted class.
         layer_name: Grad-CAM's layer (inside the base, or in the model);
             default: the last layer with a 4-D output of spatial size > 1.
         steps: integrated gradients' number of path steps.
-        baseline: integrated gradients' and occlusion's reference pixel value.
+        baseline: integrated gradients' and occlusion's reference: a pixel
+            value (default 0, black) for images; for text (integrated
+            gradients) None, the pad token's embedding in place of each real
+            token, or a number for a constant embedding (special tokens and
+            positions are kept).
         patch_size, stride: occlusion's window (default: 1/7 of the image
             side, half that stride).
         batch_size: batch size of the model calls.
@@ -150,12 +192,14 @@ def explain(
     Returns:
         An `Explanation`.
     """
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ValueError(f"explain(): expected method in {METHODS}, received method={method!r}.")
     if isinstance(model, (str, os.PathLike)):
         model = load_callable(model)
     if _is_text(model, inputs):
-        return _explain_text(model, inputs, class_index, batch_size)
+        return _explain_text(model, inputs, method, class_index, steps, baseline, batch_size)
+    method = method or "gradcam"
+    baseline = 0.0 if baseline is None else baseline
     images = np.asarray(inputs)
     if images.ndim == 3:
         images = images[None]
@@ -465,26 +509,166 @@ def _occlusion(model, images, class_index, patch_size, stride, baseline, batch_s
     )
 
 
-def _explain_text(model, texts, class_index, batch_size):
-    """Occlusion over whitespace tokens: score drop when each token is removed."""
-    texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
+def _explain_text(model, texts, method, class_index, steps, baseline, batch_size):
+    texts = [texts] if isinstance(texts, str) else [_text(t) for t in texts]
+    if method in ("gradcam", "gradcam++"):
+        raise ValueError(
+            f"explain(): method={method!r} is for images; for a text model use "
+            "method='integrated_gradients' or 'occlusion'."
+        )
+    parts = None
+    if method in (None, "integrated_gradients"):  # kept per model: its tf.function is traced once
+        parts = _PARTS[model] if model in _PARTS else _PARTS.setdefault(model,
+                                                                        _embedding_parts(model))
+    if method == "integrated_gradients" and isinstance(parts, str):
+        raise ValueError(f"explain(method='integrated_gradients'): {parts}; use "
+                         "method='occlusion'.")
+    method = "integrated_gradients" if method is None and not isinstance(parts, str) else (
+        method or "occlusion")
     probabilities = _predict(model, np.array(texts, dtype=object), batch_size)
     classes = _classes(probabilities, class_index, 0, len(texts))
+    attributions = None
+    if method == "integrated_gradients":
+        pairs, attributions = _text_integrated_gradients(
+            parts, texts, classes, steps, baseline, batch_size)
+    else:
+        pairs = [_word_occlusion(model, text, probabilities[i:i + 1], classes[i], batch_size)
+                 for i, text in enumerate(texts)]
+    return Explanation(
+        method=method, heatmaps=None, predicted=_predicted(probabilities), explained=classes,
+        probabilities=probabilities, images=texts, attributions=attributions, tokens=pairs,
+    )
+
+
+def _word_occlusion(model, text, probabilities, cls, batch_size):
+    """Per whitespace word: the drop of the class score when the word is removed."""
+    words = text.split()
+    if not words:
+        return []
+    variants = [" ".join(words[:k] + words[k + 1:]) for k in range(len(words))]
+    scores = _class_scores(_predict(model, np.array(variants, dtype=object), batch_size), cls)
+    full = _class_scores(probabilities, cls)[0]
+    return [(w, float(full - s)) for w, s in zip(words, scores)]
+
+
+_PARTS = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class _EmbeddingParts:
+    """A tlkeras text model opened at its token embeddings (see `_embedding_parts`)."""
+
+    preprocessing: keras.layers.Layer  # text -> dict of token_ids, padding_mask, ...
+    embedding: keras.layers.Layer  # token_ids -> (batch, tokens, dim)
+    gradients: object  # (path embeddings, token dict, classes) -> d score / d embeddings
+    tokenizer: object
+
+
+def _embedding_parts(model):
+    """`_EmbeddingParts` of a KerasHub text model built by tlkeras, else why not (a str).
+
+    The model's graph and its backbone's are run as they are, node by node, with the token
+    embedding layer's output replaced by the given embeddings (Keras' functional graph
+    runner): no new model is built, so no node is added to the model's layers (cutting a
+    functional model at an inner tensor would add some, and `model.save` would then fail).
+    """
+    if not isinstance(model, keras.Model) or PREPROCESSING not in [l.name for l in
+                                                                   model.layers]:
+        return "the model is not a tlkeras text model on a KerasHub preset"
+    preprocessing = model.get_layer(PREPROCESSING)
+    base = _inner_base(model)
+    embedding = getattr(base, "token_embedding", None) if base is not None else None
+    if embedding is None and base is not None and "token_embedding" in [
+            l.name for l in base.layers]:
+        embedding = base.get_layer("token_embedding")
+    tokenizer = getattr(getattr(preprocessing, "preprocessor", None), "tokenizer", None)
+    if embedding is None or tokenizer is None:
+        return "found no token embedding layer and tokenizer in the model's backbone"
+    wrapper = next(
+        l for l in model.layers if l is base or (isinstance(l, InferenceMode) and l.layer is base)
+    )
+    model_ref = weakref.ref(model)  # _PARTS holds this function: it must not keep the model
+
+    def forward(embeddings, row):
+        def backbone(tokens, **kwargs):
+            return base._run_through_graph(tokens, operation_fn=lambda op: (
+                (lambda *a, **k: embeddings) if op is embedding else op))
+
+        def outer(op):
+            if op is preprocessing:
+                return lambda *a, **k: row
+            return backbone if op is wrapper else op
+
+        texts = tf.fill([tf.shape(embeddings)[0]], "")  # unused: "preprocessing" gives `row`
+        return model_ref()._run_through_graph(texts, operation_fn=outer)
+
+    @tf.function(reduce_retracing=True)
+    def gradients(embeddings, row, classes):
+        with tf.GradientTape() as tape:
+            tape.watch(embeddings)
+            score = _score(tf.cast(forward(embeddings, row), tf.float32), classes)
+        return tf.cast(tape.gradient(score, embeddings), tf.float32)
+
+    return _EmbeddingParts(preprocessing, embedding, gradients, tokenizer)
+
+
+def _text_integrated_gradients(parts, texts, classes, steps, baseline, batch_size):
+    """Integrated gradients on the token embeddings, summed over the embedding axis.
+
+    The path runs from a baseline that keeps the special tokens ([CLS], [SEP],
+    padding) and replaces every real token's embedding by the pad token's (or by
+    the constant `baseline`) to the real embeddings; position and segment
+    embeddings are unchanged. Returns `(word pairs, (N, tokens) attributions)`.
+    """
+    tokens = parts.preprocessing(tf.constant(texts))
+    ids = keras.ops.convert_to_numpy(tokens["token_ids"])
+    special = list(getattr(parts.tokenizer, "special_token_ids", None) or [])
+    real = keras.ops.convert_to_numpy(tokens["padding_mask"]).astype(bool) & ~np.isin(ids,
+                                                                                     special)
+    embedded = keras.ops.convert_to_numpy(parts.embedding(tokens["token_ids"])).astype("float32")
+    if baseline is None:
+        pad = getattr(parts.tokenizer, "pad_token_id", 0) or 0
+        reference = keras.ops.convert_to_numpy(parts.embedding(np.full(ids.shape[1:], pad)[None]))
+    else:
+        reference = np.full(embedded.shape[1:], baseline, "float32")[None]
+    reference = np.where(real[..., None], reference, embedded).astype("float32")
+    alphas = np.linspace(0.0, 1.0, steps + 1, dtype="float32")
+    weights = np.full(steps + 1, 1.0 / steps, "float32")
+    weights[[0, -1]] /= 2  # trapezoidal rule
+    attributions = np.zeros(ids.shape, "float32")
     pairs = []
     for i, text in enumerate(texts):
-        words = text.split()
-        variants = [" ".join(words[:k] + words[k + 1:]) for k in range(len(words))]
-        if not variants:
-            pairs.append([])
-            continue
-        scores = _class_scores(_predict(model, np.array(variants, dtype=object), batch_size),
-                               classes[i])
-        full = _class_scores(probabilities[i:i + 1], classes[i])[0]
-        pairs.append([(w, float(full - s)) for w, s in zip(words, scores)])
-    return Explanation(
-        method="occlusion", heatmaps=None, predicted=_predicted(probabilities), explained=classes,
-        probabilities=probabilities, images=texts, tokens=pairs,
-    )
+        path = reference[i] + alphas[:, None, None] * (embedded[i] - reference[i])
+        grads = []
+        for start in range(0, len(path), batch_size):
+            chunk = tf.constant(path[start:start + batch_size])
+            row = {k: tf.repeat(v[i:i + 1], len(chunk), axis=0) for k, v in tokens.items()}
+            grads.append(parts.gradients(chunk, row, np.full(len(chunk), classes[i])).numpy())
+        average = np.tensordot(weights, np.concatenate(grads), axes=1)
+        attributions[i] = ((embedded[i] - reference[i]) * average).sum(axis=-1)
+        pairs.append(_word_pairs(parts.tokenizer, text, ids[i][real[i]], attributions[i][real[i]]))
+    return pairs, attributions
+
+
+def _word_pairs(tokenizer, text, ids, scores):
+    """Token scores merged into the text's whitespace words (a word's pieces are summed).
+
+    Words past the sequence length were not seen by the model: they score 0.
+    When the tokenizer does not split the text word by word (e.g. byte-pair
+    encoders that mark a leading space), the tokenizer's own tokens come back.
+    """
+    words = text.split()
+    pieces = tokenizer(tf.constant(words)) if words else []
+    pieces = pieces.to_list() if hasattr(pieces, "to_list") else list(pieces)
+    pieces = [[int(t) for t in keras.ops.convert_to_numpy(p).reshape(-1)] for p in pieces]
+    flat = [t for p in pieces for t in p]
+    if flat[:len(ids)] != [int(t) for t in ids]:
+        return [(str(tokenizer.id_to_token(int(t))), float(s)) for t, s in zip(ids, scores)]
+    pairs, k = [], 0
+    for word, piece in zip(words, pieces):
+        pairs.append((word, float(np.sum(scores[k:k + len(piece)]))))
+        k += len(piece)
+    return pairs
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -497,6 +681,10 @@ def _is_text(model, inputs):
         return True
     dtype = getattr(getattr(model, "inputs", [None])[0], "dtype", None)
     return dtype == "string"
+
+
+def _text(text):
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
 
 def _predict(model, x, batch_size):
@@ -536,10 +724,10 @@ def _classes(probabilities, class_index, start, count):
 
 def _score(outputs, classes):
     """The explained class's output (a single sigmoid: p for class 1, -p for class 0)."""
+    classes = tf.convert_to_tensor(classes)
     if outputs.shape[-1] == 1:
-        sign = tf.constant(np.where(classes == 1, 1.0, -1.0), tf.float32)
-        return outputs[:, 0] * sign
-    return tf.gather(outputs, tf.constant(classes), axis=1, batch_dims=1)
+        return outputs[:, 0] * tf.where(tf.equal(classes, 1), 1.0, -1.0)
+    return tf.gather(outputs, classes, axis=1, batch_dims=1)
 
 
 def _class_scores(probabilities, cls):

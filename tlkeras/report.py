@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from tlkeras.explain import explain
+from tlkeras.explain import explain, html_tokens
 from tlkeras.plots import figure_to_png, plot_confusion_matrix, plot_training_curves
 
 __all__ = ["Examples", "write_report", "index_page"]
@@ -27,6 +27,7 @@ text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ddd;padding:6px;
 font-size:12px;width:270px}.card img{width:128px;height:128px;object-fit:contain;
 image-rendering:pixelated;background:#eee}.bad{color:#b00}.note{color:#777}
+.text{line-height:1.5;margin:0 0 4px}
 """
 
 # Marks images that fail to load and records the outcome on <body> (read by tests and users).
@@ -144,7 +145,7 @@ def _example_sections(report, model, examples, names, top_k):
     mistakes = sorted(examples.mistakes, reverse=True)
     correct = [(c, sorted(items, reverse=True)) for c, items in sorted(examples.correct.items())]
     chosen = mistakes + [item for _, items in correct for item in items]
-    overlays, note = _gradcam_overlays(model, chosen)
+    overlays, note = (_token_scores if _is_text(chosen) else _gradcam_overlays)(model, chosen)
     by_index = dict(zip([-item[1] for item in chosen], overlays))
     parts = ["<h2>Most confident mistakes</h2>", note]
     parts.append(_cards(mistakes, by_index, names, top_k, examples, report) or
@@ -173,6 +174,40 @@ def _gradcam_overlays(model, items):
     return list(maps.overlay()), note
 
 
+def _is_text(items):
+    return bool(items) and np.asarray(items[0][2]).dtype.kind in "SUO"
+
+
+def _token_scores(model, items):
+    """Per text item its `(word, score)` pairs for the predicted class (or None), and a note."""
+    if model is None or not items:
+        return [None] * len(items), ""
+    texts = [_as_text(item[2]) for item in items]
+    classes = [int(np.argmax(item[3])) for item in items]
+    try:  # the shown texts only; 16 path steps are plenty for shading
+        result = explain(model, texts, class_index=classes, steps=16)
+    except Exception as error:  # e.g. a model whose tokens cannot be reached
+        message = f"No token scores: {type(error).__name__}: {error}"
+        return [None] * len(items), f"<p class='note'>{html.escape(message)}</p>"
+    method = result.method.replace("_", " ")
+    note = (f"<p class='note'>Words shaded by their {method} score for the predicted class "
+            "(red: for it, blue: against it; hover for the value).</p>")
+    return result.tokens, note
+
+
+def _as_text(item):
+    text = np.asarray(item).reshape(-1)[0]
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+
+
+def _text_html(text, pairs, words=120):
+    """The text with its words shaded by score (the first `words` words), else a quote."""
+    if pairs is None:
+        return f"<blockquote>{html.escape(text[:400])}</blockquote>"
+    more = " &hellip;" if len(pairs) > words else ""
+    return f"<p class='text'>{html_tokens(pairs[:words])}{more}</p>"
+
+
 def _cards(items, overlays, names, top_k, examples, report):
     cards = []
     for confidence, minus_index, image, probabilities in items:
@@ -182,12 +217,10 @@ def _cards(items, overlays, names, top_k, examples, report):
                              for c in top)
         true = _true_label(report, index)
         if np.asarray(image).dtype.kind in "SUO":  # a text model's input: the text itself
-            text = np.asarray(image).reshape(-1)[0]
-            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-            images = f"<blockquote>{html.escape(text[:400])}</blockquote>"
+            images = _text_html(_as_text(image), overlays.get(index))
         else:
             images = _img(thumbnail_png(image), f"sample {index}")
-        if overlays.get(index) is not None:
+        if overlays.get(index) is not None and not isinstance(overlays[index], list):
             images += _img(thumbnail_png(overlays[index]), f"Grad-CAM of sample {index}")
         label = f"true <b>{html.escape(true)}</b>, " if true is not None else ""
         cards.append(f"<div class='card'>{images}<br>#{index} {label}predicted "
