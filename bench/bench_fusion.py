@@ -211,7 +211,7 @@ def distillation_part(args, d):
     gain = 100 * (dist_s["accuracy"] - baseline)
     kept = dist_s["accuracy"] / teacher_s["accuracy"]
     print(f"distilled vs the better label-only student: {gain:+.2f} points (goal >= +1: "
-          f"{'met' if gain >= 1 else 'NOT met'}); {kept:.1%} of the teacher's accuracy (goal "
+          f"{'met' if gain >= 1 else 'NOT met'}); {kept:.2%} of the teacher's accuracy (goal "
           f">= 95%: {'met' if kept >= 0.95 else 'NOT met'}) at {dist_size / teacher_size:.4f} "
           f"of its size (goal <= 0.2: {'met' if dist_size <= 0.2 * teacher_size else 'NOT met'})")
 
