@@ -6,10 +6,12 @@ the guide's `base(x, training=False)` once the base is unfrozen, keras-team/kera
 `tlkeras.fine_tune` with several options, all for the same epochs: test accuracy, wall and CPU
 time. Part "cache": phase-2 time at depth 1, 2, 4 blocks with and without the cut-point cache.
 
-    python bench/bench_fine_tune.py [--train 500] [--test 1000] [--size 71] [--parts recipes,cache]
+    python bench/bench_fine_tune.py [--train 500] [--test 1000] [--size 71] [--epochs 3]
+        [--cache_epochs 5] [--parts recipes,cache]
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -20,6 +22,7 @@ from _common import machine  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import tlkeras  # noqa: E402
 from recipes.fashion_mnist import load  # noqa: E402
@@ -43,19 +46,26 @@ def data(n_train, n_test, size, batch_size=32):
 
 
 def guide(train, test, size, epochs, bn_frozen):
-    """The Keras guide's recipe, verbatim but for the input size and the weights file."""
+    """The Keras guide's recipe, as published but for the input size and the weights file.
+
+    `(train seconds wall, CPU)` exclude the two test evaluations."""
     base = keras.applications.Xception(weights=WEIGHTS, input_shape=(size, size, 3),
                                        include_top=False)
     base.trainable = False
+    augment = keras.Sequential([keras.layers.RandomFlip("horizontal"),
+                                keras.layers.RandomRotation(0.1)])
     inputs = keras.Input((size, size, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = augment(inputs)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dropout(0.2)(x)
     model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    clock = Clock()
     model.compile(keras.optimizers.Adam(), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(train, epochs=epochs, verbose=0)
-    head = model.evaluate(test, verbose=0)[1]
+    with clock.paused():
+        head = _acc(model, test)
     base.trainable = True
     if bn_frozen:
         for layer in base.layers:
@@ -64,29 +74,130 @@ def guide(train, test, size, epochs, bn_frozen):
     model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     model.fit(train, epochs=epochs, verbose=0)
-    return model.evaluate(test, verbose=0)[1], head
+    return model, head, clock.stop()
 
 
-def kit(train, test, size, epochs, **options):
+class Clock:
+    """Wall and CPU seconds since creation, less the time spent in `paused()` blocks."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    @contextlib.contextmanager
+    def paused(self):
+        wall, cpu = time.time(), time.process_time()
+        yield
+        self.wall += time.time() - wall
+        self.cpu += time.process_time() - cpu
+
+    def stop(self):
+        return time.time() - self.wall, time.process_time() - self.cpu
+
+
+class HeadAccuracy(keras.callbacks.Callback):
+    """Test accuracy of `model` when fine_tune's phase 1 ends (not timed)."""
+
+    def __init__(self, model, test, clock):
+        super().__init__()
+        self.full, self.test, self.clock, self.value = model, test, clock, None
+
+    def on_train_end(self, logs=None):
+        if self.value is None:
+            with self.clock.paused():
+                self.value = _acc(self.full, self.test)
+
+
+def kit(train, test, size, epochs, head_acc=False, augmentation=None, **options):
     model = tlkeras.build_transfer_model("Xception", 10, input_shape=(size, size, 3),
-                                         weights=WEIGHTS)
+                                         weights=WEIGHTS, augmentation=augmentation)
+    clock = Clock()
+    head = HeadAccuracy(model, test, clock) if head_acc else None
     tlkeras.fine_tune(model, train, head_epochs=epochs, fine_tune_epochs=epochs, seed=0,
-                      verbose=0, **options)
-    return _acc(model, test), None
+                      verbose=0, callbacks=[head] if head else (), **options)
+    return model, head and head.value, clock.stop()
 
 
 def _acc(model, test):
-    right = total = 0
-    for x, y in test:
-        right += int(np.sum(np.argmax(model.predict(x, verbose=0), -1) == y.numpy()))
-        total += len(y)
-    return right / total
+    """Test accuracy; `model.predict` over the whole set (one traced function per model)."""
+    probs = model.predict(test.map(lambda x, y: x), verbose=0)
+    labels = np.concatenate([y.numpy() for _, y in test])
+    return float(np.mean(np.argmax(probs, -1) == labels))
 
 
-def timed(fn, *args, **kwargs):
-    wall, cpu = time.time(), time.process_time()
-    out = fn(*args, **kwargs)
-    return out, time.time() - wall, time.process_time() - cpu
+class EpochTimes(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.time() - self.start)
+
+
+def loadavg():
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def recipes(train, test, size, epochs):
+    rows = [
+        ("Keras guide as published", lambda: guide(train, test, size, epochs, False)),
+        ("Keras guide, BatchNorm frozen by hand", lambda: guide(train, test, size, epochs, True)),
+    ]
+    for name, options in [
+        ("fine_tune, previous defaults (unfreeze='all')", dict(unfreeze="all", head_acc=True)),
+        ("fine_tune unfreeze=2 (cut-point cache)", dict(unfreeze=2, head_acc=True)),
+        ("  + layer_decay=0.7", dict(unfreeze=2, layer_decay=0.7)),
+        ("  + gradual_unfreeze=1", dict(unfreeze=2, gradual_unfreeze=1)),
+        ("  + ema=True", dict(unfreeze=2, ema=True)),
+        ("  + augmentation='medium' (no caches)", dict(unfreeze=2, augmentation="medium")),
+        ("  + mix='mixup' (no cut-point cache)", dict(unfreeze=2, mix="mixup")),
+    ]:
+        rows.append((name, lambda o=options: kit(train, test, size, epochs, **o)))
+    print(f"{'recipe':<46} {'head acc':>8} {'test acc':>8} {'wall s':>7} {'cpu s':>7}  load")
+    for name, fn in rows:
+        keras.utils.set_random_seed(0)
+        try:
+            model, head, (wall, cpu) = fn()
+            acc = _acc(model, test)
+        except Exception as error:  # one failing row must not lose the others' figures
+            print(f"{name:<46} failed: {type(error).__name__}: {error}", flush=True)
+            continue
+        head = f"{head:.3f}" if head is not None else "-"
+        print(f"{name:<46} {head:>8} {acc:>8.3f} {wall:>7.1f} {cpu:>7.1f}  ({loadavg()})",
+              flush=True)
+        if "(cut-point cache)" in name:  # the same model, evaluated with test-time augmentation
+            try:
+                tta = _acc(tlkeras.tta.tta_model(model), test)
+            except Exception as error:
+                print(f"tta failed: {type(error).__name__}: {error}", flush=True)
+                continue
+            print(f"{'  + tta=True at evaluation (same model)':<46} {'-':>8} {tta:>8.3f} "
+                  f"{wall:>7.1f} {cpu:>7.1f}  ({loadavg()})", flush=True)
+
+
+def cache(train, size, epochs, depths=(1, 2, 4)):
+    print(f"\nphase 2 only ({epochs} epochs, head_epochs=0): wall / CPU seconds of the fine_tune "
+          "call (the cache build included); mean wall seconds of epochs 2.. (epoch 1 traces)")
+    print(f"{'depth':>5} {'recompute total':>16} {'cached total':>14} {'speed-up':>8}   "
+          f"{'recompute/epoch':>15} {'cached/epoch':>12} {'speed-up':>8}")
+    for depth in depths:
+        totals, per_epoch = [], []
+        for use in (False, True):
+            keras.utils.set_random_seed(0)
+            model = tlkeras.build_transfer_model("Xception", 10, input_shape=(size, size, 3),
+                                                 weights=WEIGHTS)
+            times = EpochTimes()
+            clock = Clock()
+            tlkeras.fine_tune(model, train, head_epochs=0, fine_tune_epochs=epochs,
+                              unfreeze=depth, cache_activations=use, callbacks=[times],
+                              verbose=0)
+            totals.append(clock.stop())
+            per_epoch.append(float(np.mean(times.times[1:] or times.times)))
+        print(f"{depth:>5} {totals[0][0]:>7.1f} / {totals[0][1]:>6.1f} {totals[1][0]:>6.1f} / "
+              f"{totals[1][1]:>5.1f} {totals[0][0] / totals[1][0]:>7.2f}x   "
+              f"{per_epoch[0]:>15.2f} {per_epoch[1]:>12.2f} {per_epoch[0] / per_epoch[1]:>7.2f}x"
+              f"  (load {loadavg()})", flush=True)
 
 
 def main():
@@ -94,53 +205,24 @@ def main():
     parser.add_argument("--train", type=int, default=500)
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--size", type=int, default=71)
-    parser.add_argument("--epochs", type=int, default=2, help="per phase")
+    parser.add_argument("--epochs", type=int, default=3, help="per phase (recipes)")
+    parser.add_argument("--cache_epochs", type=int, default=5, help="phase 2 epochs (cache)")
     parser.add_argument("--parts", default="recipes,cache")
+    parser.add_argument("--depths", default="1,2,4", help="unfreeze depths (cache)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    tf.get_logger().setLevel("ERROR")
     print(machine())
+    print("TF_ENABLE_ONEDNN_OPTS=" + os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(unset)"))
     print(f"Fashion-MNIST: {args.train} train images, {args.test} test, {args.size}x{args.size} "
-          f"RGB; Xception ImageNet weights; {args.epochs} + {args.epochs} epochs\n")
+          f"RGB; Xception ImageNet weights; recipes {args.epochs} + {args.epochs} epochs, cache "
+          f"{args.cache_epochs} phase-2 epochs\n")
     train, test = data(args.train, args.test, args.size)
     if "recipes" in args.parts:
-        rows = [
-            ("Keras guide as published", lambda: guide(train, test, args.size, args.epochs, False)),
-            ("Keras guide, BatchNorm frozen by hand",
-             lambda: guide(train, test, args.size, args.epochs, True)),
-        ]
-        for name, options in [
-            ("fine_tune unfreeze='all'", dict(unfreeze="all")),
-            ("fine_tune unfreeze='all' layer_decay=0.7", dict(unfreeze="all", layer_decay=0.7)),
-            ("fine_tune unfreeze=2 (cut-point cache)", dict(unfreeze=2)),
-            ("fine_tune unfreeze=2 layer_decay=0.7", dict(unfreeze=2, layer_decay=0.7)),
-            ("fine_tune unfreeze=2 gradual_unfreeze=1", dict(unfreeze=2, gradual_unfreeze=1)),
-            ("fine_tune unfreeze=2 ema=True", dict(unfreeze=2, ema=True)),
-            ("fine_tune unfreeze=2 mix='mixup' (no cache)", dict(unfreeze=2, mix="mixup")),
-        ]:
-            rows.append((name, lambda o=options: kit(train, test, args.size, args.epochs, **o)))
-        print(f"{'recipe':<46} {'head acc':>8} {'test acc':>8} {'wall s':>7} {'cpu s':>7}")
-        for name, fn in rows:
-            keras.utils.set_random_seed(0)
-            (acc, head), wall, cpu = timed(fn)
-            head = f"{head:.3f}" if head is not None else "-"
-            print(f"{name:<46} {head:>8} {acc:>8.3f} {wall:>7.1f} {cpu:>7.1f}  "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        recipes(train, test, args.size, args.epochs)
     if "cache" in args.parts:
-        print(f"\nphase 2 only (1 epoch, {args.train} images): wall / CPU seconds")
-        print(f"{'depth':>5} {'recompute':>16} {'cut-point cache':>16} {'speed-up (wall)':>16}")
-        for depth in (1, 2, 4):
-            times = []
-            for cache in (False, True):
-                keras.utils.set_random_seed(0)
-                model = tlkeras.build_transfer_model("Xception", 10, input_shape=(args.size,) * 2
-                                                     + (3,), weights=WEIGHTS)
-                _, wall, cpu = timed(tlkeras.fine_tune, model, train, head_epochs=0,
-                                     fine_tune_epochs=1, unfreeze=depth, cache_activations=cache,
-                                     verbose=0)
-                times.append((wall, cpu))
-            print(f"{depth:>5} {times[0][0]:>7.1f} / {times[0][1]:>6.1f} {times[1][0]:>7.1f} / "
-                  f"{times[1][1]:>6.1f} {times[0][0] / times[1][0]:>15.2f}x  "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        cache(train, args.size, args.cache_epochs, [int(d) for d in args.depths.split(",")])
+    print(f"\nload average at the end: {loadavg()}")
 
 
 if __name__ == "__main__":
