@@ -11,6 +11,10 @@ part or other data compute them again. Training `top` on them trains the
 model in place. `tlkeras.fine_tune` does this in phase 2 by itself
 (`cache_activations="auto"`); float16 storage makes the weights differ from
 recomputing by a relative ~1e-3 after an epoch (see tests/test_cutpoint.py).
+The saving is the frozen part's forward pass; the top's backward pass stays.
+On CPUs without AVX-512 TensorFlow leaves its oneDNN kernels off, and that
+backward pass is about 3x slower: set `TF_ENABLE_ONEDNN_OPTS=1` before
+importing TensorFlow (bench/RESULTS.md, issue 12).
 
 Example:
 
