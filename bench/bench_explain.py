@@ -124,7 +124,8 @@ def text_timings(n_texts=4, sequence_length=128, steps=32):
     words = sum(len(t.split()) for t in sample) / len(sample)
     print(f"{len(sample)} Reuters articles, {words:.0f} words on average, "
           f"sequence_length={sequence_length} tokens")
-    tlkeras.explain(model, sample[:1], method="integrated_gradients", steps=4)  # warm-up
+    model.predict(sample, verbose=0)  # warm-ups (tracing; predict traces per batch size)
+    tlkeras.explain(model, sample[:1], method="integrated_gradients", steps=4)
     timings = [("plain predict", lambda: model.predict(sample, verbose=0))]
     for method in ("integrated_gradients", "occlusion"):
         timings.append((method, lambda method=method: tlkeras.explain(

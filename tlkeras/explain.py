@@ -590,9 +590,11 @@ def _embedding_parts(model):
     model_ref = weakref.ref(model)  # _PARTS holds this function: it must not keep the model
 
     def forward(embeddings, row):
+        injected = tf.cast(embeddings, embedding.compute_dtype)  # mixed precision: float16
+
         def backbone(tokens, **kwargs):
             return base._run_through_graph(tokens, operation_fn=lambda op: (
-                (lambda *a, **k: embeddings) if op is embedding else op))
+                (lambda *a, **k: injected) if op is embedding else op))
 
         def outer(op):
             if op is preprocessing:
