@@ -415,18 +415,13 @@ class TransferHyperModel(kt.HyperModel):
             return head, features.features_dataset(
                 train_features, batch_size=batch_size, seed=self.seed), features.features_dataset(
                 val_features, batch_size=phases.batch_size(val), shuffle=False)
-        parts = cutpoint.split_at(model, depth, "blocks")
-        if parts is None:  # nothing frozen below ("all"), or no single cut
-            return model, train, val
-        bottom, top = parts
-        sets, built = _passes(os.path.join(self.project_dir, "activations"), train, val,
-                              lambda data, **kw: cutpoint.cut_activations(bottom, data, **kw),
-                              verbose)
-        if sets is None:  # over the memory budget
-            return model, train, val
-        self.activation_builds += built
-        return top, sets[0].dataset(batch_size, True, self.seed), sets[1].dataset(
-            phases.batch_size(val), False)
+        cache = os.path.join(self.project_dir, "activations")
+        before = set(glob.glob(os.path.join(cache, "*.npz")))
+        fit_model, train, val = cutpoint.phase_inputs(
+            model, train, val, depth, "blocks", "auto", augmented=False, distributed=False,
+            cache_dir=cache, verbose=verbose, seed=self.seed)
+        self.activation_builds += len(set(glob.glob(os.path.join(cache, "*.npz"))) - before)
+        return fit_model, train, val
 
     def _model(self, head_units, dropout):
         """A fresh copy of the reference model with the trial's head.
@@ -476,10 +471,14 @@ class TransferHyperModel(kt.HyperModel):
 
     def _cached_features(self, model, train, val, verbose):
         if self._features is None:
-            sets, built = _passes(os.path.join(self.project_dir, "features"), train, val,
-                                  lambda data, **kw: features.extract_features(model, data, **kw),
-                                  verbose)
-            self.feature_extractions += built
+            cache = os.path.join(self.project_dir, "features")
+            sets = []
+            for key, data in (("train", train), ("validation", val)):
+                before = set(glob.glob(os.path.join(cache, "*.npz")))
+                sets.append(features.extract_features(
+                    model, data, cache_dir=cache, key=f"{key}-{int(data.cardinality())}",
+                    verbose=verbose))
+                self.feature_extractions += sets[-1].cache_path not in before
             self._features = tuple(sets)
         return self._features
 
@@ -590,23 +589,6 @@ class _Hyperparameters(dict):
             raise KeyError(key)
         return self[deprecation.renamed("TuneResult.best_hyperparameters", repr(key), new,
                                         repr(new))]
-
-
-def _passes(cache, train, val, compute, verbose):
-    """`([train, validation] cached by compute(data, cache_dir, key, verbose), new files)`.
-
-    `(None, 0)` when `compute` declines (returns None).
-    """
-    sets, built = [], 0
-    for key, data in (("train", train), ("validation", val)):
-        before = set(glob.glob(os.path.join(cache, "*.npz")))
-        out = compute(data, cache_dir=cache, key=f"{key}-{int(data.cardinality())}",
-                      verbose=verbose)
-        if out is None:
-            return None, 0
-        sets.append(out)
-        built += out.cache_path not in before
-    return sets, built
 
 
 class _OnFullModel(keras.callbacks.Callback):
