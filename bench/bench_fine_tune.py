@@ -5,9 +5,10 @@ as published and with every BatchNormalization kept frozen by hand (on Keras 3 `
 the guide's `base(x, training=False)` once the base is unfrozen, keras-team/keras#20285), vs
 `tlkeras.fine_tune` with several options, all for the same epochs: test accuracy, wall and CPU
 time. Part "cache": phase-2 time at depth 1, 2, 4 blocks with and without the cut-point cache.
+Part "whole": whole fine_tune calls (cache_epochs + cache_epochs epochs), to compare code versions.
 
     python bench/bench_fine_tune.py [--train 500] [--test 1000] [--size 71] [--epochs 3]
-        [--cache_epochs 5] [--parts recipes,cache]
+        [--cache_epochs 5] [--parts recipes,cache,whole] [--depths 1,2,4]
 """
 
 import argparse
@@ -125,14 +126,17 @@ def _acc(model, test):
 
 
 class EpochTimes(keras.callbacks.Callback):
+    """Wall (`times`) and CPU (`cpu`) seconds of each epoch."""
+
     def on_train_begin(self, logs=None):
-        self.times = []
+        self.times, self.cpu = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.time()
+        self.start = time.time(), time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.time() - self.start)
+        self.times.append(time.time() - self.start[0])
+        self.cpu.append(time.process_time() - self.start[1])
 
 
 def loadavg():
@@ -180,9 +184,9 @@ def cache(train, size, epochs, depths=(1, 2, 4)):
     print(f"\nphase 2 only ({epochs} epochs, head_epochs=0): wall / CPU seconds of the fine_tune "
           "call (the cache build included); mean wall seconds of epochs 2.. (epoch 1 traces)")
     print(f"{'depth':>5} {'recompute total':>16} {'cached total':>14} {'speed-up':>8}   "
-          f"{'recompute/epoch':>15} {'cached/epoch':>12} {'speed-up':>8}")
+          f"{'recompute/epoch':>15} {'cached/epoch':>12} {'speed-up':>8}   CPU s/epoch")
     for depth in depths:
-        totals, per_epoch = [], []
+        totals, per_epoch, cpu_epoch = [], [], []
         for use in (False, True):
             keras.utils.set_random_seed(0)
             model = tlkeras.build_transfer_model("Xception", 10, input_shape=(size, size, 3),
@@ -194,10 +198,32 @@ def cache(train, size, epochs, depths=(1, 2, 4)):
                               verbose=0)
             totals.append(clock.stop())
             per_epoch.append(float(np.mean(times.times[1:] or times.times)))
+            cpu_epoch.append(float(np.mean(times.cpu[1:] or times.cpu)))
         print(f"{depth:>5} {totals[0][0]:>7.1f} / {totals[0][1]:>6.1f} {totals[1][0]:>6.1f} / "
               f"{totals[1][1]:>5.1f} {totals[0][0] / totals[1][0]:>7.2f}x   "
               f"{per_epoch[0]:>15.2f} {per_epoch[1]:>12.2f} {per_epoch[0] / per_epoch[1]:>7.2f}x"
+              f"   {cpu_epoch[0]:.2f} / {cpu_epoch[1]:.2f} = {cpu_epoch[0] / cpu_epoch[1]:.2f}x"
               f"  (load {loadavg()})", flush=True)
+
+
+def whole(train, size, epochs, depths):
+    """Whole `fine_tune` calls (phase 1 + phase 2, default caches): wall / CPU seconds.
+
+    Run it with this commit's tlkeras and an older one to compare code versions."""
+    print(f"\nwhole fine_tune call ({epochs} + {epochs} epochs, default caches), tlkeras from "
+          f"{os.path.dirname(tlkeras.__file__)}")
+    for depth in depths:
+        keras.utils.set_random_seed(0)
+        model = tlkeras.build_transfer_model("Xception", 10, input_shape=(size, size, 3),
+                                             weights=WEIGHTS)
+        clock = Clock()
+        result = tlkeras.fine_tune(model, train, head_epochs=epochs, fine_tune_epochs=epochs,
+                                   unfreeze=depth, seed=0, verbose=0)
+        wall, cpu = clock.stop()
+        loss = result.history["loss"]
+        print(f"depth {depth}: {wall:.1f} s wall / {cpu:.1f} s CPU; training loss after phase 1 "
+              f"{loss[epochs - 1]:.5f}, after phase 2 {loss[-1]:.5f}  (load {loadavg()})",
+              flush=True)
 
 
 def main():
@@ -220,8 +246,11 @@ def main():
     train, test = data(args.train, args.test, args.size)
     if "recipes" in args.parts:
         recipes(train, test, args.size, args.epochs)
+    depths = [int(d) for d in args.depths.split(",")]
     if "cache" in args.parts:
-        cache(train, args.size, args.cache_epochs, [int(d) for d in args.depths.split(",")])
+        cache(train, args.size, args.cache_epochs, depths)
+    if "whole" in args.parts:
+        whole(train, args.size, args.cache_epochs, depths)
     print(f"\nload average at the end: {loadavg()}")
 
 

@@ -13,6 +13,9 @@ from tlkeras import cutpoint
 
 # float16 activations: the weights after one epoch match recomputing to this tolerance.
 RTOL, ATOL = 2e-2, 2e-4
+# Pooled features computed from float16 activations vs from the images: float16's 2**-11 relative
+# rounding of the activations, carried through one conv, BatchNorm and pooling.
+FEATURES_RTOL, FEATURES_ATOL = 5e-3, 1e-4
 
 
 def test_cached_top_trains_like_the_full_model_and_cache_follows_the_frozen_weights(tmp_path):
@@ -29,6 +32,13 @@ def test_cached_top_trains_like_the_full_model_and_cache_follows_the_frozen_weig
     start = tlkeras.get_base(full).get_layer("conv3").kernel.numpy().copy()
     first = cutpoint.cut_activations(bottom, data, cache_dir=tmp_path, key="train", verbose=0)
     assert first.activations.dtype == np.float16 and first.activations.shape == (96, 14, 14, 32)
+    # Phase 1's features from the cut activations (fine_tune: one frozen-part pass for both
+    # phases) equal the full model's up to the float16 rounding of the activations.
+    from_cut = cutpoint.head_features(top, first)
+    recomputed = tlkeras.extract_features(cached_model, data, verbose=0)
+    np.testing.assert_array_equal(from_cut.labels, recomputed.labels)
+    np.testing.assert_allclose(from_cut.features, recomputed.features, rtol=FEATURES_RTOL,
+                               atol=FEATURES_ATOL)
     full.compile(keras.optimizers.SGD(0.2), "sparse_categorical_crossentropy")
     top.compile(keras.optimizers.SGD(0.2), "sparse_categorical_crossentropy")
     full.fit(data, epochs=1, verbose=0)
@@ -60,6 +70,8 @@ def test_fine_tune_uses_the_cache_only_without_augmentation(tmp_path):
     result = tlkeras.fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=2, unfreeze=1,
                                log_dir=tmp_path / "run", seed=0, verbose=0)
     assert len(os.listdir(tmp_path / "run" / "activation_cache")) == 2  # train + validation
+    # Phase 1's head features came from those activations: no full-base feature pass.
+    assert not os.path.exists(tmp_path / "run" / "feature_cache") and result.used_feature_cache
     assert not np.allclose(before, tlkeras.get_base(model).get_layer("conv3").kernel.numpy())
     assert np.isfinite(result.history["val_loss"]).all() and len(result.history["loss"]) == 3
     result = tlkeras.fine_tune(model, train, val, head_epochs=0, fine_tune_epochs=1, unfreeze=1,

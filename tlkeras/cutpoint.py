@@ -9,8 +9,10 @@ activations in float16 (in memory, and on disk when given a folder), keyed
 by a fingerprint of the bottom's weights and the data, so a changed frozen
 part or other data compute them again. Training `top` on them trains the
 model in place. `tlkeras.fine_tune` does this in phase 2 by itself
-(`cache_activations="auto"`); float16 storage makes the weights differ from
-recomputing by a relative ~1e-3 after an epoch (see tests/test_cutpoint.py).
+(`cache_activations="auto"`) and takes phase 1's head features from the same
+activations (`head_features`), so one pass of the frozen part serves both
+phases. float16 storage makes the weights differ from recomputing by a
+relative ~1e-3 after an epoch (see tests/test_cutpoint.py).
 The saving is the frozen part's forward pass; the top's backward pass stays.
 On CPUs without AVX-512 TensorFlow leaves its oneDNN kernels off, and that
 backward pass is about 3x slower: set `TF_ENABLE_ONEDNN_OPTS=1` before
@@ -39,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import features, models
+from tlkeras import anatomy, features, models
 from tlkeras.layers import InferenceMode
 
 logger = logging.getLogger("tlkeras")
@@ -150,16 +152,16 @@ def cut_activations(bottom, dataset, *, cache_dir=None, key=None, budget_bytes=D
     return out
 
 
-def phase_inputs(model, train, val, depth, unit, cache_activations, *, augmented, distributed,
-                 cache_dir=None, verbose=0, seed=None):
-    """`(fit_model, train, val)` for `fine_tune`'s phase 2: the top on cached activations, or as is.
+def cut_point(model, train, val, depth, unit, cache_activations, *, augmented, distributed,
+              cache_dir=None, verbose=0):
+    """`(top, train activations, validation activations or None)` below the top `depth` blocks.
 
-    `cache_activations`: `"auto"` (on when it can be: a single cut below the
-    top `depth` blocks, no augmentation, no distribution strategy), `True`
-    (an error when it cannot), or `False`.
+    `None` when not cached. `cache_activations`: `"auto"` (on when it can be:
+    a single cut below the top `depth` blocks, no augmentation, no
+    distribution strategy), `True` (an error when it cannot), or `False`.
     """
     if cache_activations is False:
-        return model, train, val
+        return None
     reason = ("the training data is augmented (in the model, the pipeline or mix=)" if augmented
               else "a distribution strategy is in use" if distributed else None)
     parts = None if reason else split_at(model, depth, unit)
@@ -168,13 +170,44 @@ def phase_inputs(model, train, val, depth, unit, cache_activations, *, augmented
     if reason:
         if cache_activations is True:
             raise ValueError(f"cache_activations=True, but {reason}. Use 'auto' or False.")
-        return model, train, val
+        return None
     bottom, top = parts
-    batch = next(iter(train))[0].shape[0]
     cached = cut_activations(bottom, train, cache_dir=cache_dir, key="train", verbose=verbose)
     cached_val = None if val is None or cached is None else cut_activations(
         bottom, val, cache_dir=cache_dir, key="validation", verbose=verbose)
     if cached is None or (val is not None and cached_val is None):
+        return None
+    return top, cached, cached_val
+
+
+def phase_inputs(model, train, val, depth, unit, cache_activations, *, augmented, distributed,
+                 cache_dir=None, verbose=0, seed=None, cut=None):
+    """`(fit_model, train, val)` for `fine_tune`'s phase 2: the top on cached activations, or as is.
+
+    `cut`: a `cut_point` result already computed for these data (phase 1's
+    features came from it); otherwise `cut_point` runs here.
+    """
+    cut = cut or cut_point(model, train, val, depth, unit, cache_activations, augmented=augmented,
+                           distributed=distributed, cache_dir=cache_dir, verbose=verbose)
+    if cut is None:
         return model, train, val
+    top, cached, cached_val = cut
+    batch = next(iter(train))[0].shape[0]
     fit_val = None if cached_val is None else cached_val.dataset(next(iter(val))[0].shape[0], False)
     return top, cached.dataset(batch, True, seed), fit_val
+
+
+def head_features(top, cached, *, batch_size=32, verbose=0):
+    """Pooled "features" (a `tlkeras.features.FeatureSet`) computed from cut activations.
+
+    The top blocks of `top` (from `split_at`) run in inference mode on
+    `cached`, then the model's pooling: phase 1's head features without a
+    second pass of the frozen part. They equal those of
+    `tlkeras.extract_features(model, ...)` up to the float16 rounding of
+    the activations (see tests/test_cutpoint.py).
+    """
+    blocks = next(layer for layer in top.layers if isinstance(layer, InferenceMode))
+    inputs = keras.Input(tuple(top.input_shape[1:]), name="cut_activations")
+    pooled = top.get_layer(anatomy.FEATURES)(blocks(inputs))
+    extractor = keras.Model(inputs, pooled, name=f"{top.name}_features")
+    return features.extract_features(extractor, cached.dataset(batch_size, False), verbose=verbose)

@@ -172,9 +172,11 @@ def fine_tune(
             model holds them.
         cache_activations: phase 2 with the top `unfreeze` blocks trainable
             runs the frozen part below them once and trains the top on its
-            cached float16 activations (`tlkeras.cutpoint`). `"auto"`: when
-            there is a single cut, no augmentation and no distribution
-            strategy; `True`: an error otherwise; `False`: never.
+            cached float16 activations (`tlkeras.cutpoint`); phase 1's head
+            features then come from the same activations (one pass of the
+            frozen part for both phases). `"auto"`: when there is a single
+            cut, no augmentation and no distribution strategy; `True`: an
+            error otherwise; `False`: never.
         tensorboard: more arguments of `tlkeras.callbacks.tensorboard_callbacks`
             for the run's logs, e.g. `{"every_n_epochs": 5, "hparams": {...}}`:
             `hparams` (default: the scalar arguments above, as in
@@ -239,10 +241,17 @@ def fine_tune(
         working = _prepare(model, policy, strategy)
         run.restore_phase1(working)
         with strategy.scope():
+            cut = None  # phase 2 on the cut-point cache: one frozen-part pass serves both phases
+            if head_epochs and fine_tune_epochs and cache_features and not run.phase1_done:
+                cut = cutpoint.cut_point(
+                    working, train_data, validation_data, unfreeze, unfreeze_unit,
+                    cache_activations, augmented=bool(mix) or _has_augmentation(working, train_data),
+                    distributed=tf.distribute.has_strategy(),
+                    cache_dir=run.sub("activation_cache"), verbose=verbose)
             used_cache = _phase1(
                 working, train_data, validation_data, run, head_epochs, learning_rate, optimizer,
                 label_smoothing, class_weight, metrics, jit_compile, cache_features, early_stopping,
-                callbacks, class_names, verbose, task,
+                callbacks, class_names, verbose, task, cut,
             )
             if fine_tune_learning_rate == "find":  # after phase 1, as phase 2 will train
                 fine_tune_learning_rate = lr_finder.lr_find(
@@ -254,7 +263,7 @@ def fine_tune(
                 unfreeze_unit, fine_tune_learning_rate, warmup_epochs, optimizer, label_smoothing,
                 class_weight, metrics, jit_compile, early_stopping, callbacks, class_names, verbose, task,
                 dict(layer_decay=layer_decay, gradual_unfreeze=gradual_unfreeze, ema=ema, mix=mix,
-                     seed=seed, cache_activations=cache_activations),
+                     seed=seed, cache_activations=cache_activations, cut=cut),
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -304,7 +313,7 @@ def resolve_strategy(strategy=None):
 
 
 def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weight, metrics, jit,
-            cache_features, patience, extra, class_names, verbose, task):
+            cache_features, patience, extra, class_names, verbose, task, cut=None):
     if epochs == 0 or run.phase1_done:
         return False
     models.freeze(model)
@@ -318,14 +327,18 @@ def _phase1(model, train, val, run, epochs, lr, optimizer, smoothing, class_weig
     use_cache = bool(cache_features) and not augmented and not distributed
     fit_model, fit_train, fit_val = model, train, val
     if use_cache:
-        cache_dir = run.sub("feature_cache")
-        fit_train = features.features_dataset(
-            features.extract_features(model, train, cache_dir=cache_dir, key="train", verbose=verbose),
-            batch_size=phases.batch_size(train), shuffle=True)
+        if cut is not None:  # from phase 2's cut activations: the top blocks, then pooling
+            top, *activations = cut
+            pooled = [a and cutpoint.head_features(top, a, verbose=verbose) for a in activations]
+        else:
+            pooled = [data is not None and features.extract_features(
+                model, data, cache_dir=run.sub("feature_cache"), key=key, verbose=verbose)
+                for data, key in ((train, "train"), (val, "validation"))]
+        fit_train = features.features_dataset(pooled[0], batch_size=phases.batch_size(train),
+                                              shuffle=True)
         if val is not None:
-            fit_val = features.features_dataset(
-                features.extract_features(model, val, cache_dir=cache_dir, key="validation", verbose=verbose),
-                batch_size=phases.batch_size(val), shuffle=False)
+            fit_val = features.features_dataset(pooled[1], batch_size=phases.batch_size(val),
+                                                shuffle=False)
         _, fit_model = anatomy.split_model(model)
     # Many tiny head steps per call on cached features, but never more than an epoch holds (the
     # progress bar counts executions against the epoch's steps).
@@ -360,7 +373,8 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
         model, fit_train, fit_val, depth, unit, options.pop("cache_activations", False),
         augmented=bool(mix) or _has_augmentation(model, train),
         distributed=tf.distribute.has_strategy(),
-        cache_dir=run.sub("activation_cache"), verbose=verbose, seed=seed)
+        cache_dir=run.sub("activation_cache"), verbose=verbose, seed=seed,
+        cut=options.pop("cut", None))
     phase_optimizer, option_callbacks = optimizers.fine_tuning_setup(
         model, make_optimizer(optimizer, schedule), depth, unit, initial_epoch=head_epochs,
         **options)
