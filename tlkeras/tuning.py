@@ -311,7 +311,7 @@ class TransferHyperModel(kt.HyperModel):
         self._features = None
         self._steps = None
         self._shared = None  # the copy of `reference` below the trials' heads
-        self.fresh_copies = False
+        self._fresh_copies = False
         self.feature_extractions = 0  # base passes over the data in this process (phase 1)
         self.heads_trained = 0
         self.activation_builds = 0  # passes of a frozen part over the data (phase 2's cache)
@@ -438,12 +438,12 @@ class TransferHyperModel(kt.HyperModel):
         reference's, built once and shared by every model this returns (rebuilding Xception
         from its config took 8.1 s at load 12, restoring its weights 1.2 s); each call restores
         their pretrained weights, so a model returned earlier no longer holds what it trained.
-        `fresh_copies` (set by `tune` for its best model) builds a copy of its own instead.
+        `_fresh_copies` (set by `tune` for its best model) builds a copy of its own instead.
         """
         full = self._shared
-        if full is None or self.fresh_copies:
+        if full is None or self._fresh_copies:
             full = self._class.from_config(copy.deepcopy(self._config))  # from_config consumes it
-            self._shared = self._shared if self.fresh_copies else full
+            self._shared = self._shared if self._fresh_copies else full
         full.set_weights(self._weights)
         hidden = self._head["hidden_units"]
         hidden = (head_units, *hidden[1:]) if head_units else ()
@@ -558,7 +558,7 @@ def _result(search, project_dir, worker, train, val, export_dir, export_formats,
     with open(os.path.join(project_dir, "best_hyperparameters.json"), "w") as f:
         json.dump({"trial_id": best.trial_id, objective.name: best.score, **best_values}, f,
                   indent=2, default=str)
-    search.hypermodel.fresh_copies = True  # the best model shares no layer with the search's
+    search.hypermodel._fresh_copies = True  # the best model shares no layer with the search's
     result.best_model = search.load_model(best)
     if export_dir is not None:
         result.export = export_model(result.best_model, export_dir, formats=export_formats,
