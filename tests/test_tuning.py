@@ -139,6 +139,8 @@ def test_depths_train_exactly_their_blocks_and_trials_log_hparams(pretrained, tm
     # trial too, after the depth-1 trial fine-tuned conv3 in place.
     assert [r["unfreeze"] for r in result.trials] == [0, 1, 3]
     assert BaseAtStart.starts == [True, True, True]
+    x = next(iter(val))[0][:8]
+    best_before = result.best_model.predict(x, verbose=0)
     oracle = result.tuner.oracle
     depths = {}
     for trial_id, trial in oracle.trials.items():
@@ -159,6 +161,8 @@ def test_depths_train_exactly_their_blocks_and_trials_log_hparams(pretrained, tm
         assert float(tf.make_ndarray(event.tensor_proto)) == pytest.approx(trial.score)
     # Depth d trains the top d blocks of the base; BatchNormalization never changes.
     assert depths == {0: set(), 1: {"conv3"}, 3: {"conv1", "conv2", "conv3"}}
+    # The best model holds the search's shared layers; loading trials after it copies them.
+    np.testing.assert_array_equal(result.best_model.predict(x, verbose=0), best_before)
     # The user's base object itself is untouched.
     for name, weights in before.items():
         for a, b in zip(weights, base.get_layer(name).get_weights()):

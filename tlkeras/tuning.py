@@ -438,7 +438,8 @@ class TransferHyperModel(kt.HyperModel):
         reference's, built once and shared by every model this returns (rebuilding Xception
         from its config took 8.1 s at load 12, restoring its weights 1.2 s); each call restores
         their pretrained weights, so a model returned earlier no longer holds what it trained.
-        `_fresh_copies` (set by `tune` for its best model) builds a copy of its own instead.
+        `_fresh_copies` (set by `tune` once the best model holds the shared layers) builds a
+        copy of its own instead.
         """
         full = self._shared
         if full is None or self._fresh_copies:
@@ -558,8 +559,9 @@ def _result(search, project_dir, worker, train, val, export_dir, export_formats,
     with open(os.path.join(project_dir, "best_hyperparameters.json"), "w") as f:
         json.dump({"trial_id": best.trial_id, objective.name: best.score, **best_values}, f,
                   indent=2, default=str)
-    search.hypermodel._fresh_copies = True  # the best model shares no layer with the search's
+    # The search is over: the best model takes the shared layers, later builds copy them.
     result.best_model = search.load_model(best)
+    search.hypermodel._fresh_copies = True
     if export_dir is not None:
         result.export = export_model(result.best_model, export_dir, formats=export_formats,
                                      class_names=getattr(train, "class_names", None),
