@@ -490,11 +490,13 @@ def distill(
     >>> import numpy as np, tensorflow as tf, tlkeras
     >>> teacher = tlkeras.build_transfer_model("MobileNetV2", 3, input_shape=(48, 48, 3),
     ...                                        weights=None)
+    >>> student = tlkeras.build_transfer_model("MobileNetV3Small", 3, input_shape=(32, 32, 3),
+    ...                                        weights=None)
     >>> x, y = np.random.uniform(0, 255, (8, 32, 32, 3)), np.arange(8) % 3
-    >>> result = tlkeras.distill(teacher, "MobileNetV3Small", tf.data.Dataset.from_tensor_slices(
-    ...     (x, y)).batch(4), weights=None, epochs=1, verbose=0)
-    >>> result.model.input_shape
-    (None, 224, 224, 3)
+    >>> result = tlkeras.distill(teacher, student, tf.data.Dataset.from_tensor_slices(
+    ...     (x, y)).batch(4), epochs=1, verbose=0)
+    >>> result.model is student, result.model.input_shape
+    (True, (None, 32, 32, 3))
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
