@@ -1,6 +1,7 @@
 """Shared fixtures: small real data (scikit-learn digits) as RGB images."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,12 +34,15 @@ def digits_rgb(size=32, classes=None, seed=0):
 
 @pytest.fixture(autouse=True)
 def _reset_keras_state():
-    import keras
-
-    policy = keras.mixed_precision.global_policy().name
+    # A test that never imports Keras (the notebooks run in their own kernels) has no state to
+    # reset, and is spared the TensorFlow import.
+    keras = sys.modules.get("keras")
+    policy = keras.mixed_precision.global_policy().name if keras else "float32"
     yield
-    keras.mixed_precision.set_global_policy(policy)
-    keras.backend.clear_session()
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        keras.mixed_precision.set_global_policy(policy)
+        keras.backend.clear_session()
 
 
 @pytest.fixture(scope="session")

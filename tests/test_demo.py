@@ -1,4 +1,8 @@
-"""`tlkeras demo --quick`, the README's main job: offline, transfer beats scratch on few labels."""
+"""`tlkeras demo --quick`, the README's main job: offline, transfer beats scratch on few labels.
+
+The test runs `--quick` at its smallest budget only (`--budgets 1`: quick's two seeds, half its
+runs); `test_quick_mode_compares_two_budgets_with_two_seeds` checks what `--quick` alone picks.
+"""
 
 import glob
 import json
@@ -10,13 +14,16 @@ import pytest
 
 from tlkeras import demo
 
+BUDGET = demo.QUICK_BUDGETS[0]  # the smallest budget, where transfer matters most
+
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo") / "runs" / "demo"
     script = os.path.join(os.path.dirname(sys.executable), "tlkeras")
     command = [script] if os.path.exists(script) else [sys.executable, "-m", "tlkeras.cli"]
-    result = subprocess.run([*command, "demo", "--quick", "--run_dir", str(run_dir)],
+    result = subprocess.run([*command, "demo", "--quick", "--budgets", str(BUDGET),
+                             "--run_dir", str(run_dir)],
                             capture_output=True, text=True, timeout=900,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -27,7 +34,7 @@ def test_transfer_beats_scratch_at_the_smallest_budget(quick_demo):
     run_dir, stdout = quick_demo
     results = json.loads((run_dir / "results.json").read_text())
     rows = results["rows"]
-    assert [r["labels_per_class"] for r in rows] == list(demo.QUICK_BUDGETS)
+    assert [r["labels_per_class"] for r in rows] == [BUDGET]  # --budgets reaches run_demo
     assert all(r["seeds"] == 2 for r in rows)
     smallest = rows[0]
     assert smallest["transfer"] > smallest["scratch"], rows
@@ -57,6 +64,13 @@ def test_run_folder_has_tensorboard_logs(quick_demo):
         assert logged == pytest.approx({k: r[method] for k, r in rows.items()})
 
 
+def test_quick_mode_compares_two_budgets_with_two_seeds():
+    assert demo._plan(True, None, None) == (list(demo.QUICK_BUDGETS), 2)
+    assert len(demo.QUICK_BUDGETS) == 2 and demo._plan(True, [5, 1], None) == ([1, 5], 2)
+    assert demo._plan(False, None, None) == (list(demo.BUDGETS), 3)
+    assert demo._plan(False, [3], 1) == ([3], 1)
+
+
 def test_demo_network_has_batch_normalization():
     import keras
 
@@ -75,7 +89,7 @@ def test_tensorboard_runs_are_listed_once_with_validation_images_and_hparams(qui
     events = glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True)
     runs = {os.path.relpath(os.path.dirname(e), run_dir) for e in events}
     # One TensorBoard run per folder Keras writes: nothing in `logs/` itself, no absolute paths.
-    methods = [f"{m}_k{k}_seed{s}" for m in ("transfer", "scratch") for k in demo.QUICK_BUDGETS
+    methods = [f"{m}_k{k}_seed{s}" for m in ("transfer", "scratch") for k in (BUDGET,)
                for s in (0, 1)]
     assert runs == {"summary/transfer", "summary/scratch", "pretrain/logs/train",
                     "pretrain/logs/validation",

@@ -138,8 +138,7 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
     """
     say = print_fn or (lambda *a, **k: None)
     start = time.time()
-    budgets = sorted(budgets or (QUICK_BUDGETS if quick else BUDGETS))
-    seeds = seeds or (2 if quick else 3)
+    budgets, seeds = _plan(quick, budgets, seeds)
     _clear(run_dir)
     x, y = load_digits_rgb()
     with warnings.catch_warnings(), _tf_log_level("ERROR"):
@@ -227,6 +226,11 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
     say(f"\nDone in {results['seconds']:.0f} s. Results: {os.path.join(run_dir, 'results.csv')}")
     say(f"Open TensorBoard with:  tensorboard --logdir {run_dir}   (then http://localhost:6006)")
     return results
+
+
+def _plan(quick, budgets, seeds):
+    """The sorted label budgets and the number of seeds `run_demo` compares."""
+    return sorted(budgets or (QUICK_BUDGETS if quick else BUDGETS)), seeds or (2 if quick else 3)
 
 
 def _pretrain(x, y, run_dir, verbose, say):
