@@ -32,6 +32,20 @@ def digits_rgb(size=32, classes=None, seed=0):
     return x[order], y[order].astype("int32")
 
 
+# scripts/test.sh runs files on three xdist workers (--dist loadfile --no-loadscope-reorder) in
+# collection order; the longest files (per-file totals of the last full run) go first, so that no
+# long file starts last while the other workers sit idle.
+LONGEST_FIRST = ["test_recipes.py", "test_text.py", "test_training.py", "test_backbones.py",
+                 "test_explain.py", "test_cli.py", "test_layout.py", "test_tuning.py",
+                 "test_notebooks.py", "test_cli_fusion.py", "test_fusion.py", "test_optimizers.py",
+                 "test_unlabeled.py", "test_demo.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 @pytest.fixture(autouse=True)
 def _reset_keras_state():
     # A test that never imports Keras (the notebooks run in their own kernels) has no state to
