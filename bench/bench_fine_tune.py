@@ -143,7 +143,7 @@ def loadavg():
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def recipes(train, test, size, epochs):
+def recipes(train, test, size, epochs, only=None):
     rows = [
         ("Keras guide as published", lambda: guide(train, test, size, epochs, False)),
         ("Keras guide, BatchNorm frozen by hand", lambda: guide(train, test, size, epochs, True)),
@@ -158,6 +158,8 @@ def recipes(train, test, size, epochs):
         ("  + mix='mixup' (no cut-point cache)", dict(unfreeze=2, mix="mixup")),
     ]:
         rows.append((name, lambda o=options: kit(train, test, size, epochs, **o)))
+    if only:  # 1-based row numbers
+        rows = [row for number, row in enumerate(rows, 1) if number in only]
     print(f"{'recipe':<46} {'head acc':>8} {'test acc':>8} {'wall s':>7} {'cpu s':>7}  load")
     for name, fn in rows:
         keras.utils.set_random_seed(0)
@@ -235,6 +237,7 @@ def main():
     parser.add_argument("--cache_epochs", type=int, default=5, help="phase 2 epochs (cache)")
     parser.add_argument("--parts", default="recipes,cache")
     parser.add_argument("--depths", default="1,2,4", help="unfreeze depths (cache)")
+    parser.add_argument("--rows", default="", help="recipes rows to run, e.g. 1,2,3,4 (all)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     tf.get_logger().setLevel("ERROR")
@@ -245,7 +248,8 @@ def main():
           f"{args.cache_epochs} phase-2 epochs\n")
     train, test = data(args.train, args.test, args.size)
     if "recipes" in args.parts:
-        recipes(train, test, args.size, args.epochs)
+        recipes(train, test, args.size, args.epochs,
+                [int(r) for r in args.rows.split(",") if r])
     depths = [int(d) for d in args.depths.split(",")]
     if "cache" in args.parts:
         cache(train, args.size, args.cache_epochs, depths)

@@ -68,12 +68,12 @@ def test_fine_tune_uses_the_cache_only_without_augmentation(tmp_path):
     model = tlkeras.build_transfer_model(tiny_base(), 3)
     before = tlkeras.get_base(model).get_layer("conv3").kernel.numpy().copy()
     result = tlkeras.fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=2, unfreeze=1,
-                               log_dir=tmp_path / "run", seed=0, verbose=0)
+                               run_dir=tmp_path / "run", seed=0, verbose=0)
     assert len(os.listdir(tmp_path / "run" / "activation_cache")) == 2  # train + validation
     # Phase 1's head features came from those activations: no full-base feature pass.
     assert not os.path.exists(tmp_path / "run" / "feature_cache") and result.used_feature_cache
     assert not np.allclose(before, tlkeras.get_base(model).get_layer("conv3").kernel.numpy())
     assert np.isfinite(result.history["val_loss"]).all() and len(result.history["loss"]) == 3
     result = tlkeras.fine_tune(model, train, val, head_epochs=0, fine_tune_epochs=1, unfreeze=1,
-                               mix="mixup", log_dir=tmp_path / "mixed", verbose=0)
+                               mix="mixup", run_dir=tmp_path / "mixed", verbose=0)
     assert not os.path.exists(tmp_path / "mixed" / "activation_cache")
