@@ -61,8 +61,8 @@ def test_gradual_unfreezing_trains_the_expected_blocks_each_epoch_and_saves(tmp_
     start = {n: base.get_layer(n).kernel.numpy().copy() for n in names}
     result = tlkeras.fine_tune(model, _data(), _data(32), head_epochs=1, fine_tune_epochs=3,
                                unfreeze="all", layer_decay=0.7, gradual_unfreeze=1,
-                               learning_rate=1e-2, log_dir=tmp_path / "run", callbacks=[Snapshot()],
-                               seed=0, verbose=0)
+                               head_learning_rate=1e-2, run_dir=tmp_path / "run",
+                               callbacks=[Snapshot()], seed=0, verbose=0)
     assert np.isfinite(result.history["loss"]).all()
     assert all(np.array_equal(snapshots[0][n], start[n]) for n in names)  # phase 1: base frozen
     trained = [[n for n in names if not np.array_equal(snapshots[e][n], snapshots[e + 1][n])]
