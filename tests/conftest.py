@@ -33,8 +33,8 @@ def digits_rgb(size=32, classes=None, seed=0):
 
 
 # scripts/test.sh runs files on three xdist workers (--dist loadfile --no-loadscope-reorder) in
-# collection order; the longest files (per-file totals of the last full run) go first, so that no
-# long file starts last while the other workers sit idle.
+# collection order; the longest files (roughly, from the slowest tests of the last full runs) go
+# first, so that no long file starts last while the other workers sit idle.
 LONGEST_FIRST = ["test_recipes.py", "test_text.py", "test_training.py", "test_backbones.py",
                  "test_explain.py", "test_cli.py", "test_layout.py", "test_tuning.py",
                  "test_notebooks.py", "test_cli_fusion.py", "test_fusion.py", "test_optimizers.py",

@@ -245,7 +245,7 @@ def fine_tune(
             if head_epochs and fine_tune_epochs and cache_features and not run.phase1_done:
                 cut = cutpoint.cut_point(
                     working, train_data, validation_data, unfreeze, unfreeze_unit,
-                    cache_activations, augmented=bool(mix) or _has_augmentation(working, train_data),
+                    cache_activations, augmented=_augmented(working, train_data, mix),
                     distributed=tf.distribute.has_strategy(),
                     cache_dir=run.sub("activation_cache"), verbose=verbose)
             used_cache = _phase1(
@@ -371,7 +371,7 @@ def _phase2(model, train, val, run, head_epochs, epochs, depth, unit, lr, warmup
         train, val, loss, mix, task, model.output_shape[-1], smoothing, seed)
     fit_model, fit_train, fit_val = cutpoint.phase_inputs(
         model, fit_train, fit_val, depth, unit, options.pop("cache_activations", False),
-        augmented=bool(mix) or _has_augmentation(model, train),
+        augmented=_augmented(model, train, mix),
         distributed=tf.distribute.has_strategy(),
         cache_dir=run.sub("activation_cache"), verbose=verbose, seed=seed,
         cut=options.pop("cut", None))
@@ -646,6 +646,11 @@ def _copy_trainable(source, target):
 
 
 _has_augmentation = augmentation.is_augmented  # the model's layer, or random ops in the data
+
+
+def _augmented(model, train, mix):
+    """Whether phase 2 sees other inputs each epoch (augmentation or mix=): no cut-point cache."""
+    return bool(mix) or _has_augmentation(model, train)
 
 
 _batch_size = phases.batch_size  # old private names
