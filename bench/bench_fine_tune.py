@@ -8,6 +8,7 @@ time. Part "cache": phase-2 time at depth 1, 2, 4 blocks with and without the cu
 Part "whole": whole fine_tune calls (cache_epochs + cache_epochs epochs), to compare code versions.
 
     python bench/bench_fine_tune.py [--train 500] [--test 1000] [--size 71] [--epochs 3]
+        [--task fashion|digits] [--seeds 0,1,2] [--rows 2,3,4]
         [--cache_epochs 5] [--parts recipes,cache,whole] [--depths 1,2,4]
 """
 
@@ -32,15 +33,28 @@ WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
     __file__)))), "shared", "weights", "xception_imagenet_notop.weights.h5")
 
 
-def data(n_train, n_test, size, batch_size=32):
-    x, y = load("train")
-    rng = np.random.default_rng(0)
-    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), n_train // 10, replace=False)
-                          for c in range(10)])
-    xt, yt = load("test", n_test)
+def data(n_train, n_test, size, batch_size=32, task="fashion", seed=0):
+    """`(train, test)` datasets: `n_train // 10` images per class drawn with `seed`."""
+    if task == "digits":  # scikit-learn's 8x8 digits, upscaled: a second, unrelated task
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = np.clip(tf.image.resize(digits.images[..., None] * 16.0, (28, 28)).numpy(), 0, 255)
+        x, y = x[..., 0].astype("uint8"), digits.target.astype("int32")
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate([rng.choice(np.flatnonzero(y == c), n_train // 10, replace=False)
+                              for c in range(10)])
+        rest = np.setdiff1d(np.arange(len(y)), idx)[:n_test]
+        (x, y), (xt, yt) = (x, y), (x[rest], y[rest])
+    else:
+        x, y = load("train")
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate([rng.choice(np.flatnonzero(y == c), n_train // 10, replace=False)
+                              for c in range(10)])
+        xt, yt = load("test", n_test)
     rgb = lambda a: np.repeat(a[..., None], 3, -1)  # noqa: E731
     train = tlkeras.data.from_arrays(rgb(x[idx]), y[idx], image_size=(size, size),
-                                     batch_size=batch_size, seed=0)
+                                     batch_size=batch_size, seed=seed)
     test = tlkeras.data.from_arrays(rgb(xt), yt, image_size=(size, size), batch_size=64,
                                     shuffle=False)
     return train, test
@@ -108,12 +122,12 @@ class HeadAccuracy(keras.callbacks.Callback):
                 self.value = _acc(self.full, self.test)
 
 
-def kit(train, test, size, epochs, head_acc=False, augmentation=None, **options):
+def kit(train, test, size, epochs, head_acc=False, augmentation=None, seed=0, **options):
     model = tlkeras.build_transfer_model("Xception", 10, input_shape=(size, size, 3),
                                          weights=WEIGHTS, augmentation=augmentation)
     clock = Clock()
     head = HeadAccuracy(model, test, clock) if head_acc else None
-    tlkeras.fine_tune(model, train, head_epochs=epochs, fine_tune_epochs=epochs, seed=0,
+    tlkeras.fine_tune(model, train, head_epochs=epochs, fine_tune_epochs=epochs, seed=seed,
                       verbose=0, callbacks=[head] if head else (), **options)
     return model, head and head.value, clock.stop()
 
@@ -143,7 +157,7 @@ def loadavg():
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def recipes(train, test, size, epochs, only=None):
+def recipes(train, test, size, epochs, only=None, seed=0, extra=()):
     rows = [
         ("Keras guide as published", lambda: guide(train, test, size, epochs, False)),
         ("Keras guide, BatchNorm frozen by hand", lambda: guide(train, test, size, epochs, True)),
@@ -156,13 +170,16 @@ def recipes(train, test, size, epochs, only=None):
         ("  + ema=True", dict(unfreeze=2, ema=True)),
         ("  + augmentation='medium' (no caches)", dict(unfreeze=2, augmentation="medium")),
         ("  + mix='mixup' (no cut-point cache)", dict(unfreeze=2, mix="mixup")),
+        ("fine_tune unfreeze=3 (cut-point cache)", dict(unfreeze=3)),
+        ("fine_tune unfreeze=4 (cut-point cache)", dict(unfreeze=4)),
+        *[(f"fine_tune {' '.join(k)}", _options(k)) for k in extra],
     ]:
-        rows.append((name, lambda o=options: kit(train, test, size, epochs, **o)))
+        rows.append((name, lambda o=options: kit(train, test, size, epochs, seed=seed, **o)))
     if only:  # 1-based row numbers
         rows = [row for number, row in enumerate(rows, 1) if number in only]
     print(f"{'recipe':<46} {'head acc':>8} {'test acc':>8} {'wall s':>7} {'cpu s':>7}  load")
     for name, fn in rows:
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(seed)
         try:
             model, head, (wall, cpu) = fn()
             acc = _acc(model, test)
@@ -180,6 +197,13 @@ def recipes(train, test, size, epochs, only=None):
                 continue
             print(f"{'  + tta=True at evaluation (same model)':<46} {'-':>8} {tta:>8.3f} "
                   f"{wall:>7.1f} {cpu:>7.1f}  ({loadavg()})", flush=True)
+
+
+def _options(words):
+    """`["unfreeze=2", "fine_tune_learning_rate=1e-4"]` -> fine_tune keyword arguments."""
+    import ast
+
+    return {k: ast.literal_eval(v) for k, v in (w.split("=", 1) for w in words)}
 
 
 def cache(train, size, epochs, depths=(1, 2, 4)):
@@ -238,18 +262,28 @@ def main():
     parser.add_argument("--parts", default="recipes,cache")
     parser.add_argument("--depths", default="1,2,4", help="unfreeze depths (cache)")
     parser.add_argument("--rows", default="", help="recipes rows to run, e.g. 1,2,3,4 (all)")
+    parser.add_argument("--task", default="fashion", choices=["fashion", "digits"])
+    parser.add_argument("--seeds", default="0", help="recipes: one run per seed (data and model)")
+    parser.add_argument("--kit", action="append", default=[], help="recipes: one more fine_tune "
+                        "row with these options (rows 12..), e.g. 'unfreeze=2 layer_decay=0.7'")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     tf.get_logger().setLevel("ERROR")
     print(machine())
     print("TF_ENABLE_ONEDNN_OPTS=" + os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(unset)"))
-    print(f"Fashion-MNIST: {args.train} train images, {args.test} test, {args.size}x{args.size} "
+    print(f"{'Fashion-MNIST' if args.task == 'fashion' else 'scikit-learn digits'}: "
+          f"{args.train} train images, {args.test} test, {args.size}x{args.size} "
           f"RGB; Xception ImageNet weights; recipes {args.epochs} + {args.epochs} epochs, cache "
           f"{args.cache_epochs} phase-2 epochs\n")
-    train, test = data(args.train, args.test, args.size)
+    train, test = data(args.train, args.test, args.size, task=args.task)
     if "recipes" in args.parts:
-        recipes(train, test, args.size, args.epochs,
-                [int(r) for r in args.rows.split(",") if r])
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            if seed:
+                print(f"\nseed {seed}")
+                train, test = data(args.train, args.test, args.size, task=args.task, seed=seed)
+            recipes(train, test, args.size, args.epochs,
+                    [int(r) for r in args.rows.split(",") if r], seed,
+                    [k.split() for k in args.kit])
     depths = [int(d) for d in args.depths.split(",")]
     if "cache" in args.parts:
         cache(train, args.size, args.cache_epochs, depths)
