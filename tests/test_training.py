@@ -178,26 +178,31 @@ def _epochs_done(progress):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after_epoch", [0, 4])  # in phase 1, in phase 2
-def test_killed_run_resumes_where_it_stopped(tmp_path, kill_after_epoch):
-    script, progress, out = _script(tmp_path, sleep=1.0)
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while kill_after_epoch not in _epochs_done(progress):
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first_run = _epochs_done(progress)
-    assert 5 not in first_run  # it really was killed mid-run
-    progress.unlink()
+def test_killed_run_resumes_where_it_stopped(tmp_path):
+    """Killed in phase 1 (after epoch 0), resumed and killed again in phase 2 (after epoch 4),
+    resumed again: each run starts after the last epoch backed up, and the run ends."""
+    script, progress, _ = _script(tmp_path, sleep=1.0)
+    runs = []
+    for kill_after_epoch in (0, 4):  # in phase 1, in phase 2
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while kill_after_epoch not in _epochs_done(progress):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        runs.append(_epochs_done(progress))
+        assert 5 not in runs[-1]  # it really was killed mid-run
+        progress.unlink()
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "DONE 6" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
-    second_run = _epochs_done(progress)
+    runs.append(_epochs_done(progress))
     # Resumed after the last epoch backed up: no epoch already done ran again, none is missing.
-    assert second_run[0] == max(first_run) + 1, (first_run, second_run)
-    assert sorted(set(first_run) | set(second_run)) == list(range(6))
+    for before, after in zip(runs, runs[1:]):
+        assert after[0] == max(before) + 1, runs
+    assert sorted(set().union(*runs)) == list(range(6)), runs
     rows = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(6))
 

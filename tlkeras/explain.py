@@ -366,7 +366,10 @@ def _output_shape(layer):
 
 
 def _activation_model(model, layer_name):
-    """A callable `images -> (activations, outputs)` for the layer `layer_name`."""
+    """A callable `images -> (activations, outputs)` for the layer `layer_name`.
+
+    It holds the model's layers, not the model (`_GRADCAM` keeps it per model).
+    """
     base = _inner_base(model)
     if base is not None and layer_name is not None and layer_name in [l.name for l in model.layers]:
         base = None  # the user named a layer of the outer model
@@ -379,12 +382,13 @@ def _activation_model(model, layer_name):
     wrapper = next(
         l for l in model.layers if l is base or (isinstance(l, InferenceMode) and l.layer is base)
     )
+    # A tlkeras image model is a chain of layers.
+    chain = [l for l in model.layers
+             if not isinstance(l, keras.layers.InputLayer) and l.name != "augmentation"]
 
     def forward(x):
         activations = None
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.InputLayer) or layer.name == "augmentation":
-                continue  # a tlkeras image model is a chain of layers
+        for layer in chain:
             if layer is wrapper:
                 activations, x = inner(x, training=False)
             else:
@@ -392,6 +396,41 @@ def _activation_model(model, layer_name):
         return activations, x
 
     return name, forward
+
+
+_GRADCAM = weakref.WeakKeyDictionary()  # model -> {layer_name: (name, traced pass)}
+
+
+def _gradcam_pass(model, layer_name):
+    """`(name, pass)`: `pass(images, classes)` gives the layer's activations, the outputs, the
+    explained classes (a class < 0: the predicted one) and d score / d activations.
+
+    The pass runs eagerly, except on a model with grouped convolutions (ConvNeXt's): Keras
+    compiles those with XLA on CPU, again on every eager call, so there the pass is a
+    `tf.function` traced once per model and layer and kept for every later call (elsewhere a
+    trace costs more than the eager passes it saves).
+    """
+    if layer_name in _GRADCAM.get(model, {}):
+        return _GRADCAM[model][layer_name]
+    name, forward = _activation_model(model, layer_name)
+
+    def gradcam_pass(x, classes):
+        with tf.GradientTape() as tape:
+            activations, outputs = forward(x)
+            outputs = tf.cast(outputs, tf.float32)
+            if outputs.shape[-1] == 1:
+                predicted = tf.cast(outputs[:, 0] >= 0.5, classes.dtype)
+            else:
+                predicted = tf.argmax(outputs, axis=-1, output_type=classes.dtype)
+            classes = tf.where(classes < 0, predicted, classes)
+            score = _score(outputs, classes)
+        return activations, outputs, classes, tape.gradient(score, activations)
+
+    if not any(getattr(l, "groups", 1) > 1 for l in model._flatten_layers()):
+        return name, gradcam_pass
+    _GRADCAM.setdefault(model, {})[layer_name] = name, tf.function(gradcam_pass,
+                                                                  reduce_retracing=True)
+    return _GRADCAM[model][layer_name]
 
 
 def _get_layer(model, name):
@@ -411,16 +450,16 @@ def _gradcam(model, images, class_index, layer_name, plus):
             f"explain(method='gradcam'): expected a keras.Model, received "
             f"{type(model).__name__}; use method='occlusion' for other models."
         )
-    name, forward = _activation_model(model, layer_name)
+    width = max(model.outputs[0].shape[-1] or 2, 2)
+    name, gradcam_pass = _gradcam_pass(model, layer_name)
     maps, probabilities, explained = [], [], []
     for start in range(0, len(images), 16):
         x = tf.constant(images[start:start + 16], tf.float32)
-        with tf.GradientTape() as tape:
-            activations, outputs = forward(x)
-            outputs = tf.cast(outputs, tf.float32)
-            classes = _classes(outputs.numpy(), class_index, start, len(x))
-            score = _score(outputs, classes)
-        grads = tf.cast(tape.gradient(score, activations), tf.float32)
+        wanted = (np.full(len(x), -1) if class_index is None else
+                  _classes(np.zeros((len(x), width), "float32"), class_index, start, len(x)))
+        activations, outputs, classes, grads = gradcam_pass(x, tf.constant(wanted, tf.int32))
+        classes = classes.numpy().astype(int)
+        grads = tf.cast(grads, tf.float32)
         activations = tf.cast(activations, tf.float32)  # mixed precision: float16
         if plus:
             g2, g3 = grads**2, grads**3
@@ -638,15 +677,19 @@ def _text_integrated_gradients(parts, texts, classes, steps, baseline, batch_siz
     weights = np.full(steps + 1, 1.0 / steps, "float32")
     weights[[0, -1]] /= 2  # trapezoidal rule
     attributions = np.zeros(ids.shape, "float32")
+    # Chunks of one size (the last one padded with copies of the path's end): one trace of
+    # `parts.gradients` serves every chunk and text (33 points in chunks of 32 would trace it
+    # twice, for 32 and 1).
+    size = -(-len(alphas) // -(-len(alphas) // batch_size))
     pairs = []
     for i, text in enumerate(texts):
         path = reference[i] + alphas[:, None, None] * (embedded[i] - reference[i])
-        grads = []
-        for start in range(0, len(path), batch_size):
-            chunk = tf.constant(path[start:start + batch_size])
-            row = {k: tf.repeat(v[i:i + 1], len(chunk), axis=0) for k, v in tokens.items()}
-            grads.append(parts.gradients(chunk, row, np.full(len(chunk), classes[i])).numpy())
-        average = np.tensordot(weights, np.concatenate(grads), axes=1)
+        path = np.concatenate([path, np.repeat(path[-1:], -len(path) % size, axis=0)])
+        row = {k: tf.repeat(v[i:i + 1], size, axis=0) for k, v in tokens.items()}
+        grads = [parts.gradients(tf.constant(path[start:start + size]), row,
+                                 np.full(size, classes[i])).numpy()
+                 for start in range(0, len(path), size)]
+        average = np.tensordot(weights, np.concatenate(grads)[:len(alphas)], axes=1)
         attributions[i] = ((embedded[i] - reference[i]) * average).sum(axis=-1)
         pairs.append(_word_pairs(parts.tokenizer, text, ids[i][real[i]], attributions[i][real[i]]))
     return pairs, attributions

@@ -11,8 +11,9 @@ small student to match a teacher (any model, an ensemble included) with
 Example:
 
 >>> import numpy as np, tlkeras
+>>> from tlkeras.demo import small_cnn
 >>> a = tlkeras.build_transfer_model("MobileNetV3Small", 3, input_shape=(32, 32, 3), weights=None)
->>> b = tlkeras.build_transfer_model("MobileNetV2", 3, input_shape=(48, 48, 3), weights=None)
+>>> b = tlkeras.build_transfer_model(small_cnn(48, name="cnn48"), 3)  # a base of your own
 >>> model = tlkeras.ensemble([a, b])
 >>> model.input_shape, model.output_shape
 ((None, 48, 48, 3), (None, 3))
@@ -156,10 +157,9 @@ def ensemble(models_, *, method="average", validation_data=None, name=None):
     Example:
 
     >>> import numpy as np, tlkeras
-    >>> a = tlkeras.build_transfer_model("MobileNetV3Small", 3, input_shape=(32, 32, 3),
-    ...                                  weights=None)
-    >>> b = tlkeras.build_transfer_model("MobileNetV3Small", 3, input_shape=(40, 40, 3),
-    ...                                  weights=None)
+    >>> from tlkeras.demo import small_cnn
+    >>> a = tlkeras.build_transfer_model(small_cnn(32, name="cnn32"), 3)
+    >>> b = tlkeras.build_transfer_model(small_cnn(40, name="cnn40"), 3)
     >>> x, y = np.random.uniform(0, 255, (12, 40, 40, 3)), np.arange(12) % 3
     >>> fused = tlkeras.ensemble([a, b], method="weighted", validation_data=(x, y))
     >>> fused.predict(x, verbose=0).shape
@@ -488,10 +488,10 @@ def distill(
     Example:
 
     >>> import numpy as np, tensorflow as tf, tlkeras
-    >>> teacher = tlkeras.build_transfer_model("MobileNetV2", 3, input_shape=(48, 48, 3),
+    >>> from tlkeras.demo import small_cnn
+    >>> teacher = tlkeras.build_transfer_model("MobileNetV3Small", 3, input_shape=(48, 48, 3),
     ...                                        weights=None)
-    >>> student = tlkeras.build_transfer_model("MobileNetV3Small", 3, input_shape=(32, 32, 3),
-    ...                                        weights=None)
+    >>> student = tlkeras.build_transfer_model(small_cnn(32), 3)
     >>> x, y = np.random.uniform(0, 255, (8, 32, 32, 3)), np.arange(8) % 3
     >>> result = tlkeras.distill(teacher, student, tf.data.Dataset.from_tensor_slices(
     ...     (x, y)).batch(4), epochs=1, verbose=0)
