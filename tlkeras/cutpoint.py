@@ -14,9 +14,12 @@ activations (`head_features`), so one pass of the frozen part serves both
 phases. float16 storage makes the weights differ from recomputing by a
 relative ~1e-3 after an epoch (see tests/test_cutpoint.py).
 The saving is the frozen part's forward pass; the top's backward pass stays.
-On CPUs without AVX-512 TensorFlow leaves its oneDNN kernels off, and that
-backward pass is about 3x slower: set `TF_ENABLE_ONEDNN_OPTS=1` before
-importing TensorFlow (bench/RESULTS.md, issue 12).
+`top` computes its 1x1 convolutions (separable convolutions' pointwise part)
+as matrix products, whose gradients TensorFlow's CPU kernels run ~3.6x
+faster (same weights, same outputs). On CPUs without AVX-512 TensorFlow
+leaves its oneDNN kernels off, and the rest of that backward pass is slower:
+`TF_ENABLE_ONEDNN_OPTS=1` before importing TensorFlow turns them on
+(bench/RESULTS.md, issue 12).
 
 Example:
 
@@ -105,11 +108,64 @@ def split_at(model, depth, unit="blocks"):
     bottom = keras.Model(image, InferenceMode(lower)(model.get_layer("preprocessing")(image)),
                          name=f"{model.name}_bottom")
     activations = keras.Input(tuple(cut[0].shape[1:]), name="cut_activations")
+    # The same layers, but 1x1 convolutions as matrix products (see _MatmulPointwise).
+    upper = keras.models.clone_model(upper, clone_function=_matmul_pointwise)
     x = InferenceMode(upper)(activations)
     head = model.layers[model.layers.index(model.get_layer("features")):]
     for layer in head:  # "features" and the head: a chain, as in models.split_model
         x = layer(x)
     return bottom, keras.Model(activations, x, name=f"{model.name}_top")
+
+
+class _MatmulPointwise(keras.layers.Wrapper):
+    """A `SeparableConv2D` (stride 1) or 1x1 `Conv2D`, its 1x1 part computed as a matmul.
+
+    Same weights (the wrapped layer's), same outputs. Training the top is
+    mostly its backward pass, and TensorFlow's CPU gradient of a 1x1
+    convolution's input takes ~3.6x the time of the same product as a
+    `tf.matmul` (bench/RESULTS.md, issue 12, session 5). Used only inside
+    the `top` that `split_at` returns, never saved.
+    """
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(layer, name=layer.name, dtype=layer.dtype_policy, **kwargs)
+
+    def build(self, input_shape=None):
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def call(self, x):
+        layer = self.layer
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            depthwise = keras.ops.cast(layer.depthwise_kernel, x.dtype)
+            x = tf.nn.depthwise_conv2d(x, depthwise, [1, 1, 1, 1], layer.padding.upper())
+            kernel = layer.pointwise_kernel
+        else:  # 1x1: "same" and "valid" keep the same pixels
+            x = x[:, ::layer.strides[0], ::layer.strides[1], :]
+            kernel = layer.kernel
+        channels, filters = kernel.shape[-2:]
+        shape = tf.shape(x)
+        y = tf.matmul(tf.reshape(x, [-1, channels]),
+                      tf.reshape(keras.ops.cast(kernel, x.dtype), [channels, filters]))
+        y = tf.reshape(y, tf.concat([shape[:-1], [filters]], 0))
+        if layer.use_bias:
+            y = tf.nn.bias_add(y, keras.ops.cast(layer.bias, y.dtype))
+        return y if layer.activation is None else layer.activation(y)
+
+
+def _matmul_pointwise(layer):
+    """`layer`, or a `_MatmulPointwise` of it when it is one it computes exactly."""
+    common = (getattr(layer, "data_format", None) == "channels_last"
+              and tuple(getattr(layer, "dilation_rate", ())) == (1, 1)
+              and getattr(layer, "activity_regularizer", None) is None)
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        ok = tuple(layer.strides) == (1, 1)
+    else:
+        ok = (type(layer) is keras.layers.Conv2D and tuple(layer.kernel_size) == (1, 1)
+              and layer.groups == 1)
+    return _MatmulPointwise(layer) if common and ok else layer
 
 
 def cut_activations(bottom, dataset, *, cache_dir=None, key=None, budget_bytes=DEFAULT_BUDGET,
