@@ -177,17 +177,90 @@ def cut_activations(bottom, dataset, *, cache_dir=None, key=None, budget_bytes=D
     spec and `dataset.file_paths` (or `key`; required without file paths).
     `None` when the activations would exceed `budget_bytes`.
     """
-    path = None
-    if cache_dir is not None:
-        path = os.path.join(os.fspath(cache_dir), "cut_" + features._cache_key(bottom, dataset, key)
-                            + ".npz")
-        if os.path.exists(path):
-            with np.load(path) as f:
-                return CutActivations(f["activations"], f["labels"], path)
-    spec = dataset.element_spec[0]
-    step = tf.function(lambda x: tf.cast(bottom(x, training=False), tf.float16),
-                       input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
+    return _cut(bottom, dataset, cache_dir, key, budget_bytes, verbose)
+
+
+def _cut(bottom, dataset, cache_dir, key, budget_bytes=DEFAULT_BUDGET, verbose=0, step=None):
+    """`cut_activations`, with `step` (from `_bottom_step`) when one is traced already."""
+    path = None if cache_dir is None else cache_path(bottom, dataset, cache_dir, key)
+    if path and os.path.exists(path):
+        with np.load(path) as f:
+            return CutActivations(f["activations"], f["labels"], path)
+    step = step or _bottom_step(bottom, dataset)
     per_sample = 2 * int(np.prod(bottom.output.shape[1:]))
+    outputs = _run(step, dataset, per_sample, budget_bytes, verbose)
+    if outputs is None:
+        return None
+    (activations,), labels = outputs
+    return save(CutActivations(activations, labels, path))
+
+
+def cache_path(bottom, dataset, cache_dir, key=None):
+    """Where `cut_activations(bottom, dataset, cache_dir=..., key=...)` keeps its file."""
+    return os.path.join(os.fspath(cache_dir),
+                        "cut_" + features._cache_key(bottom, dataset, key) + ".npz")
+
+
+def features_and_cuts(model, datasets, depths, unit="blocks", *, budget_bytes=DEFAULT_BUDGET,
+                      verbose=0):
+    """One pass of the frozen base over each dataset: its features and cut activations at once.
+
+    For a search over several depths (`tlkeras.tune`): the pooled "features"
+    that `tlkeras.extract_features(model, data)` computes and the
+    activations that `cut_activations(bottom, data)` computes below the top
+    `depth` blocks, for each of `depths` with a single cut (`split_at`) whose
+    activations fit `budget_bytes` per dataset together with the shallower
+    depths', from one traced function of the whole base instead of one pass
+    (and two traces) per depth and one for the features.
+
+    Returns `(bottoms, results)`: `bottoms` maps each depth kept to its
+    `bottom`; `results` holds, per dataset, `(FeatureSet, {depth: CutActivations})`.
+    """
+    base = models.get_base(model)
+    samples = max(int(d.cardinality()) * int(next(iter(d))[0].shape[0]) for d in datasets)
+    bottoms, size = {}, 0
+    for depth in sorted({d for d in depths if isinstance(d, int) and d > 0}):
+        parts = split_at(model, depth, unit)
+        if parts is None:
+            continue
+        per_sample = 2 * int(np.prod(parts[0].output.shape[1:]))
+        if (size + per_sample) * samples > budget_bytes:
+            break
+        size += per_sample
+        bottoms[depth] = parts[0]
+    cuts = [bottom.layers[-1].layer.outputs[0] for bottom in bottoms.values()]  # base tensors
+    multi = keras.Model(base.inputs, [*cuts, base.outputs[0]], name=f"{base.name}_cuts")
+    image = keras.Input(tuple(model.input_shape[1:]), name="image")
+    *activations, top = InferenceMode(multi)(model.get_layer("preprocessing")(image))
+    pooled = model.get_layer(anatomy.FEATURES)(top)
+    extractor = keras.Model(image, [pooled, *activations], name=f"{model.name}_features_cuts")
+
+    def outputs(x):
+        pooled, *activations = keras.tree.flatten(extractor(x, training=False))
+        return [tf.cast(pooled, tf.float32)] + [tf.cast(a, tf.float16) for a in activations]
+
+    step = _traced(datasets[0], outputs)
+    results = []
+    for dataset in datasets:
+        (pooled, *activations), labels = _run(step, dataset, 0, budget_bytes, verbose)
+        results.append((features.FeatureSet(pooled, labels), {
+            depth: CutActivations(a, labels) for depth, a in zip(bottoms, activations)}))
+    return bottoms, results
+
+
+def _traced(dataset, outputs):
+    """`outputs` as a `tf.function` traced once for every batch size of `dataset`'s images."""
+    spec = dataset.element_spec[0]
+    return tf.function(outputs, input_signature=[
+        tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
+
+
+def _bottom_step(bottom, dataset):
+    return _traced(dataset, lambda x: [tf.cast(bottom(x, training=False), tf.float16)])
+
+
+def _run(step, dataset, per_sample, budget_bytes, verbose):
+    """`(outputs, labels)` of `step` over `dataset` (arrays); `None` past `budget_bytes`."""
     steps = int(dataset.cardinality())
     bar = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, unit_name="batch")
     chunks, labels, size = [], [], 0
@@ -196,16 +269,21 @@ def cut_activations(bottom, dataset, *, cache_dir=None, key=None, budget_bytes=D
         if size > budget_bytes:
             logger.info("Cut-point activations exceed %d bytes; not cached.", budget_bytes)
             return None
-        chunks.append(step(x))
+        chunks.append(step(x))  # no per-batch sync: numpy() once at the end
         labels.append(np.asarray(y))
         bar.update(i + 1)
-    out = CutActivations(tf.concat(chunks, 0).numpy(), np.concatenate(labels), path)
+    return [tf.concat(c, 0).numpy() for c in zip(*chunks)], np.concatenate(labels)
+
+
+def save(cached):
+    """Writes `cached` to its `cache_path` (atomically) when it has one; returns it."""
+    path = cached.cache_path
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, activations=out.activations, labels=out.labels)
+        np.savez(tmp, activations=cached.activations, labels=cached.labels)
         os.replace(tmp, path)
-    return out
+    return cached
 
 
 def cut_point(model, train, val, depth, unit, cache_activations, *, augmented, distributed,
@@ -228,9 +306,11 @@ def cut_point(model, train, val, depth, unit, cache_activations, *, augmented, d
             raise ValueError(f"cache_activations=True, but {reason}. Use 'auto' or False.")
         return None
     bottom, top = parts
-    cached = cut_activations(bottom, train, cache_dir=cache_dir, key="train", verbose=verbose)
-    cached_val = None if val is None or cached is None else cut_activations(
-        bottom, val, cache_dir=cache_dir, key="validation", verbose=verbose)
+    step = _bottom_step(bottom, train)  # traced once, for the validation data too
+    cached = _cut(bottom, train, cache_dir, "train", verbose=verbose, step=step)
+    same = val is not None and val.element_spec[0] == train.element_spec[0]
+    cached_val = None if val is None or cached is None else _cut(
+        bottom, val, cache_dir, "validation", verbose=verbose, step=step if same else None)
     if cached is None or (val is not None and cached_val is None):
         return None
     return top, cached, cached_val
