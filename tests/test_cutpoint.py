@@ -97,8 +97,8 @@ def test_cached_top_computes_pointwise_convolutions_as_matmuls_with_the_same_gra
     full, cached = model(), model()
     bottom, top = cutpoint.split_at(cached, 2, unit="layers")
     inner = top.layers[1].layer.layers[1:]
-    assert [(type(l).__name__, l.name) for l in inner] == [("_MatmulPointwise", "sep"),
-                                                          ("_MatmulPointwise", "pw")]
+    assert [(type(layer).__name__, layer.name) for layer in inner] == [
+        ("_MatmulPointwise", "sep"), ("_MatmulPointwise", "pw")]
     activations = bottom(x, training=False)
     np.testing.assert_allclose(top(activations), full(x), rtol=1e-5, atol=1e-6)
     top.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")

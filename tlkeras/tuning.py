@@ -512,8 +512,8 @@ class TransferHyperModel(kt.HyperModel):
         bottoms, results = cutpoint.features_and_cuts(model, [train, val], depths, "blocks",
                                                       verbose=verbose)
         sets = []
-        for path, data, key, (pooled, cuts) in zip(paths, (train, val), ("train", "validation"),
-                                                    results):
+        for path, data, key, (pooled, cuts) in zip(paths, (train, val),
+                                                   ("train", "validation"), results):
             for depth, cut in cuts.items():
                 cut.cache_path = cutpoint.cache_path(bottoms[depth], data, self._cut_dir(), key)
                 cutpoint.save(cut)
