@@ -77,3 +77,35 @@ def test_fine_tune_uses_the_cache_only_without_augmentation(tmp_path):
     result = tlkeras.fine_tune(model, train, val, head_epochs=0, fine_tune_epochs=1, unfreeze=1,
                                mix="mixup", run_dir=tmp_path / "mixed", verbose=0)
     assert not os.path.exists(tmp_path / "mixed" / "activation_cache")
+
+
+def test_cached_top_computes_pointwise_convolutions_as_matmuls_with_the_same_gradients():
+    x, y = digits_rgb(12, classes=[5, 6, 7])
+    x, y = x[:16], y[:16]
+
+    def model():
+        keras.utils.set_random_seed(1)
+        base = keras.Sequential([
+            keras.Input((12, 12, 3)), keras.layers.Conv2D(4, 3, name="c1"),
+            keras.layers.SeparableConv2D(6, 3, padding="same", activation="relu", name="sep"),
+            keras.layers.Conv2D(5, 1, strides=2, name="pw")], name="cnn")
+        built = tlkeras.build_transfer_model(base, 3, dropout=0.0)
+        tlkeras.unfreeze(built, 2, unit="layers")
+        built.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+        return built
+
+    full, cached = model(), model()
+    bottom, top = cutpoint.split_at(cached, 2, unit="layers")
+    inner = top.layers[1].layer.layers[1:]
+    assert [(type(layer).__name__, layer.name) for layer in inner] == [
+        ("_MatmulPointwise", "sep"), ("_MatmulPointwise", "pw")]
+    activations = bottom(x, training=False)
+    np.testing.assert_allclose(top(activations), full(x), rtol=1e-5, atol=1e-6)
+    top.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+    before = [w.numpy() for w in full.trainable_weights]
+    full.train_on_batch(x, y)
+    top.train_on_batch(activations, y)
+    assert len(top.trainable_weights) == len(before) == 7  # sep: 3, pw: 2, the head: 2
+    for start, a, b in zip(before, full.trainable_weights, cached.trainable_weights):
+        assert np.abs(a.numpy() - start).max() > 1e-4  # the step moved every weight ...
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)  # ... alike

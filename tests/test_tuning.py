@@ -181,8 +181,10 @@ def test_trials_run_on_cached_activations_with_the_objective_of_recomputing(pret
                               cache_activations=False, **args)
     assert [r["cached"] for r in cached.trials] == [1, 1]
     assert [r["cached"] for r in recomputed.trials] == [0, 0]
-    # Depth 0 reuses phase 1's features; depth 2 ran its frozen part once (train, validation).
-    assert cached.tuner.hypermodel.activation_builds == 2
+    # Depth 0 reuses phase 1's features; depth 2's activations came with them, from the same
+    # pass of the base (train, validation), with no pass of its own.
+    assert cached.tuner.hypermodel.cuts_with_features == 1
+    assert cached.tuner.hypermodel.activation_builds == 0
     assert len(os.listdir(tmp_path / "cached" / "activations")) == 2
     assert recomputed.tuner.hypermodel.activation_builds == 0
     assert [r["unfreeze"] for r in cached.trials] == [r["unfreeze"] for r in recomputed.trials]

@@ -14,9 +14,12 @@ activations (`head_features`), so one pass of the frozen part serves both
 phases. float16 storage makes the weights differ from recomputing by a
 relative ~1e-3 after an epoch (see tests/test_cutpoint.py).
 The saving is the frozen part's forward pass; the top's backward pass stays.
-On CPUs without AVX-512 TensorFlow leaves its oneDNN kernels off, and that
-backward pass is about 3x slower: set `TF_ENABLE_ONEDNN_OPTS=1` before
-importing TensorFlow (bench/RESULTS.md, issue 12).
+`top` computes its 1x1 convolutions (separable convolutions' pointwise part)
+as matrix products, whose gradients TensorFlow's CPU kernels run ~3.6x
+faster (same weights, same outputs). On CPUs without AVX-512 TensorFlow
+leaves its oneDNN kernels off, and the rest of that backward pass is slower:
+`TF_ENABLE_ONEDNN_OPTS=1` before importing TensorFlow turns them on
+(bench/RESULTS.md, issue 12).
 
 Example:
 
@@ -105,11 +108,64 @@ def split_at(model, depth, unit="blocks"):
     bottom = keras.Model(image, InferenceMode(lower)(model.get_layer("preprocessing")(image)),
                          name=f"{model.name}_bottom")
     activations = keras.Input(tuple(cut[0].shape[1:]), name="cut_activations")
+    # The same layers, but 1x1 convolutions as matrix products (see _MatmulPointwise).
+    upper = keras.models.clone_model(upper, clone_function=_matmul_pointwise)
     x = InferenceMode(upper)(activations)
     head = model.layers[model.layers.index(model.get_layer("features")):]
     for layer in head:  # "features" and the head: a chain, as in models.split_model
         x = layer(x)
     return bottom, keras.Model(activations, x, name=f"{model.name}_top")
+
+
+class _MatmulPointwise(keras.layers.Wrapper):
+    """A `SeparableConv2D` (stride 1) or 1x1 `Conv2D`, its 1x1 part computed as a matmul.
+
+    Same weights (the wrapped layer's), same outputs. Training the top is
+    mostly its backward pass, and TensorFlow's CPU gradient of a 1x1
+    convolution's input takes ~3.6x the time of the same product as a
+    `tf.matmul` (bench/RESULTS.md, issue 12, session 5). Used only inside
+    the `top` that `split_at` returns, never saved.
+    """
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(layer, name=layer.name, dtype=layer.dtype_policy, **kwargs)
+
+    def build(self, input_shape=None):
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def call(self, x):
+        layer = self.layer
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            depthwise = keras.ops.cast(layer.depthwise_kernel, x.dtype)
+            x = tf.nn.depthwise_conv2d(x, depthwise, [1, 1, 1, 1], layer.padding.upper())
+            kernel = layer.pointwise_kernel
+        else:  # 1x1: "same" and "valid" keep the same pixels
+            x = x[:, ::layer.strides[0], ::layer.strides[1], :]
+            kernel = layer.kernel
+        channels, filters = kernel.shape[-2:]
+        shape = tf.shape(x)
+        y = tf.matmul(tf.reshape(x, [-1, channels]),
+                      tf.reshape(keras.ops.cast(kernel, x.dtype), [channels, filters]))
+        y = tf.reshape(y, tf.concat([shape[:-1], [filters]], 0))
+        if layer.use_bias:
+            y = tf.nn.bias_add(y, keras.ops.cast(layer.bias, y.dtype))
+        return y if layer.activation is None else layer.activation(y)
+
+
+def _matmul_pointwise(layer):
+    """`layer`, or a `_MatmulPointwise` of it when it is one it computes exactly."""
+    common = (getattr(layer, "data_format", None) == "channels_last"
+              and tuple(getattr(layer, "dilation_rate", ())) == (1, 1)
+              and getattr(layer, "activity_regularizer", None) is None)
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        ok = tuple(layer.strides) == (1, 1)
+    else:
+        ok = (type(layer) is keras.layers.Conv2D and tuple(layer.kernel_size) == (1, 1)
+              and layer.groups == 1)
+    return _MatmulPointwise(layer) if common and ok else layer
 
 
 def cut_activations(bottom, dataset, *, cache_dir=None, key=None, budget_bytes=DEFAULT_BUDGET,
@@ -121,17 +177,90 @@ def cut_activations(bottom, dataset, *, cache_dir=None, key=None, budget_bytes=D
     spec and `dataset.file_paths` (or `key`; required without file paths).
     `None` when the activations would exceed `budget_bytes`.
     """
-    path = None
-    if cache_dir is not None:
-        path = os.path.join(os.fspath(cache_dir), "cut_" + features._cache_key(bottom, dataset, key)
-                            + ".npz")
-        if os.path.exists(path):
-            with np.load(path) as f:
-                return CutActivations(f["activations"], f["labels"], path)
-    spec = dataset.element_spec[0]
-    step = tf.function(lambda x: tf.cast(bottom(x, training=False), tf.float16),
-                       input_signature=[tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
+    return _cut(bottom, dataset, cache_dir, key, budget_bytes, verbose)
+
+
+def _cut(bottom, dataset, cache_dir, key, budget_bytes=DEFAULT_BUDGET, verbose=0, step=None):
+    """`cut_activations`, with `step` (from `_bottom_step`) when one is traced already."""
+    path = None if cache_dir is None else cache_path(bottom, dataset, cache_dir, key)
+    if path and os.path.exists(path):
+        with np.load(path) as f:
+            return CutActivations(f["activations"], f["labels"], path)
+    step = step or _bottom_step(bottom, dataset)
     per_sample = 2 * int(np.prod(bottom.output.shape[1:]))
+    outputs = _run(step, dataset, per_sample, budget_bytes, verbose)
+    if outputs is None:
+        return None
+    (activations,), labels = outputs
+    return save(CutActivations(activations, labels, path))
+
+
+def cache_path(bottom, dataset, cache_dir, key=None):
+    """Where `cut_activations(bottom, dataset, cache_dir=..., key=...)` keeps its file."""
+    return os.path.join(os.fspath(cache_dir),
+                        "cut_" + features._cache_key(bottom, dataset, key) + ".npz")
+
+
+def features_and_cuts(model, datasets, depths, unit="blocks", *, budget_bytes=DEFAULT_BUDGET,
+                      verbose=0):
+    """One pass of the frozen base over each dataset: its features and cut activations at once.
+
+    For a search over several depths (`tlkeras.tune`): the pooled "features"
+    that `tlkeras.extract_features(model, data)` computes and the
+    activations that `cut_activations(bottom, data)` computes below the top
+    `depth` blocks, for each of `depths` with a single cut (`split_at`) whose
+    activations fit `budget_bytes` per dataset together with the shallower
+    depths', from one traced function of the whole base instead of one pass
+    (and two traces) per depth and one for the features.
+
+    Returns `(bottoms, results)`: `bottoms` maps each depth kept to its
+    `bottom`; `results` holds, per dataset, `(FeatureSet, {depth: CutActivations})`.
+    """
+    base = models.get_base(model)
+    samples = max(int(d.cardinality()) * int(next(iter(d))[0].shape[0]) for d in datasets)
+    bottoms, size = {}, 0
+    for depth in sorted({d for d in depths if isinstance(d, int) and d > 0}):
+        parts = split_at(model, depth, unit)
+        if parts is None:
+            continue
+        per_sample = 2 * int(np.prod(parts[0].output.shape[1:]))
+        if (size + per_sample) * samples > budget_bytes:
+            break
+        size += per_sample
+        bottoms[depth] = parts[0]
+    cuts = [bottom.layers[-1].layer.outputs[0] for bottom in bottoms.values()]  # base tensors
+    multi = keras.Model(base.inputs, [*cuts, base.outputs[0]], name=f"{base.name}_cuts")
+    image = keras.Input(tuple(model.input_shape[1:]), name="image")
+    *activations, top = InferenceMode(multi)(model.get_layer("preprocessing")(image))
+    pooled = model.get_layer(anatomy.FEATURES)(top)
+    extractor = keras.Model(image, [pooled, *activations], name=f"{model.name}_features_cuts")
+
+    def outputs(x):
+        pooled, *activations = keras.tree.flatten(extractor(x, training=False))
+        return [tf.cast(pooled, tf.float32)] + [tf.cast(a, tf.float16) for a in activations]
+
+    step = _traced(datasets[0], outputs)
+    results = []
+    for dataset in datasets:
+        (pooled, *activations), labels = _run(step, dataset, 0, budget_bytes, verbose)
+        results.append((features.FeatureSet(pooled, labels), {
+            depth: CutActivations(a, labels) for depth, a in zip(bottoms, activations)}))
+    return bottoms, results
+
+
+def _traced(dataset, outputs):
+    """`outputs` as a `tf.function` traced once for every batch size of `dataset`'s images."""
+    spec = dataset.element_spec[0]
+    return tf.function(outputs, input_signature=[
+        tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)])
+
+
+def _bottom_step(bottom, dataset):
+    return _traced(dataset, lambda x: [tf.cast(bottom(x, training=False), tf.float16)])
+
+
+def _run(step, dataset, per_sample, budget_bytes, verbose):
+    """`(outputs, labels)` of `step` over `dataset` (arrays); `None` past `budget_bytes`."""
     steps = int(dataset.cardinality())
     bar = keras.utils.Progbar(steps if steps > 0 else None, verbose=verbose, unit_name="batch")
     chunks, labels, size = [], [], 0
@@ -140,16 +269,21 @@ def cut_activations(bottom, dataset, *, cache_dir=None, key=None, budget_bytes=D
         if size > budget_bytes:
             logger.info("Cut-point activations exceed %d bytes; not cached.", budget_bytes)
             return None
-        chunks.append(step(x))
+        chunks.append(step(x))  # no per-batch sync: numpy() once at the end
         labels.append(np.asarray(y))
         bar.update(i + 1)
-    out = CutActivations(tf.concat(chunks, 0).numpy(), np.concatenate(labels), path)
+    return [tf.concat(c, 0).numpy() for c in zip(*chunks)], np.concatenate(labels)
+
+
+def save(cached):
+    """Writes `cached` to its `cache_path` (atomically) when it has one; returns it."""
+    path = cached.cache_path
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, activations=out.activations, labels=out.labels)
+        np.savez(tmp, activations=cached.activations, labels=cached.labels)
         os.replace(tmp, path)
-    return out
+    return cached
 
 
 def cut_point(model, train, val, depth, unit, cache_activations, *, augmented, distributed,
@@ -172,9 +306,11 @@ def cut_point(model, train, val, depth, unit, cache_activations, *, augmented, d
             raise ValueError(f"cache_activations=True, but {reason}. Use 'auto' or False.")
         return None
     bottom, top = parts
-    cached = cut_activations(bottom, train, cache_dir=cache_dir, key="train", verbose=verbose)
-    cached_val = None if val is None or cached is None else cut_activations(
-        bottom, val, cache_dir=cache_dir, key="validation", verbose=verbose)
+    step = _bottom_step(bottom, train)  # traced once, for the validation data too
+    cached = _cut(bottom, train, cache_dir, "train", verbose=verbose, step=step)
+    same = val is not None and val.element_spec[0] == train.element_spec[0]
+    cached_val = None if val is None or cached is None else _cut(
+        bottom, val, cache_dir, "validation", verbose=verbose, step=step if same else None)
     if cached is None or (val is not None and cached_val is None):
         return None
     return top, cached, cached_val

@@ -315,6 +315,7 @@ class TransferHyperModel(kt.HyperModel):
         self.feature_extractions = 0  # base passes over the data in this process (phase 1)
         self.heads_trained = 0
         self.activation_builds = 0  # passes of a frozen part over the data (phase 2's cache)
+        self.cuts_with_features = 0  # depths whose activations came with phase 1's features
 
     def values(self, hp):
         """The trial's settings: the search space's values, defaults for the rest."""
@@ -411,8 +412,7 @@ class TransferHyperModel(kt.HyperModel):
         Depth 0 reuses phase 1's features (float32); depth k caches the
         activations below the top k blocks (float16, `tlkeras.cutpoint`).
         """
-        if (self.cache_activations is False or anatomy.has_augmentation(model)
-                or tf.distribute.has_strategy()):
+        if not self._caching(model):
             return model, train, val
         batch_size = phases.batch_size(train)
         if depth == 0:
@@ -421,7 +421,7 @@ class TransferHyperModel(kt.HyperModel):
             return head, features.features_dataset(
                 train_features, batch_size=batch_size, seed=self.seed), features.features_dataset(
                 val_features, batch_size=phases.batch_size(val), shuffle=False)
-        cache = os.path.join(self.project_dir, "activations")
+        cache = self._cut_dir()
         before = set(glob.glob(os.path.join(cache, "*.npz")))
         fit_model, train, val = cutpoint.phase_inputs(
             model, train, val, depth, "blocks", "auto", augmented=False, distributed=False,
@@ -486,15 +486,53 @@ class TransferHyperModel(kt.HyperModel):
     def _cached_features(self, model, train, val, verbose):
         if self._features is None:
             cache = os.path.join(self.project_dir, "features")
+            data = [(f"{key}-{int(d.cardinality())}", d) for key, d in
+                    (("train", train), ("validation", val))]
+            extractor = anatomy.feature_extractor(model)
+            paths = [os.path.join(cache, features._cache_key(extractor, d, key) + ".npz")
+                     for key, d in data]
+            if self._caching(model) and not all(map(os.path.exists, paths)):
+                self._features = self._features_and_cuts(model, train, val, paths, verbose)
+                return self._features
             sets = []
-            for key, data in (("train", train), ("validation", val)):
+            for key, d in data:
                 before = set(glob.glob(os.path.join(cache, "*.npz")))
-                sets.append(features.extract_features(
-                    model, data, cache_dir=cache, key=f"{key}-{int(data.cardinality())}",
-                    verbose=verbose))
+                sets.append(features.extract_features(model, d, cache_dir=cache, key=key,
+                                                      verbose=verbose))
                 self.feature_extractions += sets[-1].cache_path not in before
             self._features = tuple(sets)
         return self._features
+
+    def _features_and_cuts(self, model, train, val, paths, verbose):
+        """One pass of the base per dataset: the features, and the cut activations of the
+        search space's depths saved where each trial's phase 2 looks for them."""
+        space = self.search_space if isinstance(self.search_space, dict) else {}
+        depths = space.get("unfreeze", space.get("unfreeze_depth", self.depths))
+        depths = depths if isinstance(depths, (list, tuple)) else [depths]
+        bottoms, results = cutpoint.features_and_cuts(model, [train, val], depths, "blocks",
+                                                      verbose=verbose)
+        sets = []
+        for path, data, key, (pooled, cuts) in zip(paths, (train, val),
+                                                   ("train", "validation"), results):
+            for depth, cut in cuts.items():
+                cut.cache_path = cutpoint.cache_path(bottoms[depth], data, self._cut_dir(), key)
+                cutpoint.save(cut)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, features=pooled.features, labels=pooled.labels)
+            os.replace(tmp, path)
+            sets.append(features.FeatureSet(pooled.features, pooled.labels, path))
+        self.feature_extractions += 2
+        self.cuts_with_features += len(bottoms)
+        return tuple(sets)
+
+    def _caching(self, model):
+        """Whether phase 2 runs on cached features / activations (see `cache_activations`)."""
+        return (self.cache_activations is not False and not anatomy.has_augmentation(model)
+                and not tf.distribute.has_strategy())
+
+    def _cut_dir(self):
+        return os.path.join(self.project_dir, "activations")
 
 
 def trials_table(trials, objective_name):
