@@ -44,7 +44,7 @@ def test_recipes_use_only_public_api():
 
 @pytest.mark.heavy
 def test_flowers(tmp_path):
-    # The recipe's steps on MobileNet: a third of EfficientNetB0's layers, and of its time.
+    # The recipe's steps on MobileNet: a third of EfficientNetB0's layers, half of its CPU time.
     result = smoke("flowers", tmp_path, "--base", "MobileNet")
     assert result["model"].name.startswith("mobilenet_1.00_32")
     assert os.path.isfile(result["paths"]["keras"])
