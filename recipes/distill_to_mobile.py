@@ -3,9 +3,9 @@
 Fashion-MNIST from Debian's files (`apt-get install dataset-fashion-mnist`). The teacher is
 Xception with ImageNet weights (`../shared/weights/xception_imagenet_notop.weights.h5` when
 present), its head trained on the labeled images. The student, MobileNetV3Small at 32 px
-(random weights: offline there are none to load), learns from the labels and from the
-teacher's outputs on further unlabeled images (`tlkeras.distill`), and is exported as a
-float16 TFLite model.
+(`--student`; random weights: offline there are none to load), learns from the labels and
+from the teacher's outputs on further unlabeled images (`tlkeras.distill`), and is exported
+as a float16 TFLite model.
 
     python -m recipes.distill_to_mobile --labeled 2000 --unlabeled 8000
     python -m recipes.distill_to_mobile --smoke    # 48 labeled, 48 unlabeled, one epoch
@@ -23,6 +23,7 @@ def main(argv=None):
     p.add_argument("--labeled", type=int, default=2000, help="labeled training images")
     p.add_argument("--unlabeled", type=int, default=8000, help="unlabeled images (teacher only)")
     p.add_argument("--epochs", type=int, default=20, help="student epochs")
+    p.add_argument("--student", default="MobileNetV3Small", help="a backbone (`tlkeras backbones`)")
     args = p.parse_args(argv)
     out = args.output_dir or os.path.join("runs", "distill_to_mobile")
     if not os.path.isdir(DATA_DIR):
@@ -39,7 +40,7 @@ def main(argv=None):
                       head_epochs=2 if args.smoke else 20, fine_tune_epochs=0,
                       log_dir=os.path.join(out, "teacher"), verbose=0)
 
-    student = tlkeras.build_transfer_model("MobileNetV3Small", 10, input_shape=(32, 32, 3),
+    student = tlkeras.build_transfer_model(args.student, 10, input_shape=(32, 32, 3),
                                            weights=None, name="student")
     tlkeras.unfreeze(student, "all")
     train = tlkeras.data.from_arrays(x[:labeled], y[:labeled], image_size=(32, 32), **make)

@@ -1,6 +1,7 @@
-"""tf_flowers with EfficientNetB0: two-phase fine-tuning, evaluation, verified export.
+"""tf_flowers with EfficientNetB0 (`--base`): two-phase fine-tuning, evaluation, verified export.
 
     python -m recipes.flowers            # downloads tf_flowers and ImageNet weights
+    python -m recipes.flowers --base MobileNetV2 --image_size 160
     python -m recipes.flowers --smoke    # offline: mocked tf_flowers, random weights
     tensorboard --logdir runs/flowers
 """
@@ -14,6 +15,7 @@ from recipes import mocked_tfds, parser
 
 def main(argv=None):
     p = parser(__doc__)
+    p.add_argument("--base", default="EfficientNetB0", help="a backbone (`tlkeras backbones`)")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--epochs", type=int, default=5, help="epochs of each phase")
     args = p.parse_args(argv)
@@ -26,7 +28,7 @@ def main(argv=None):
         val = tlkeras.data.from_tfds("tf_flowers", "train[80%:]", (size, size), batch_size=batch,
                                      shuffle=False)
         model = tlkeras.build_transfer_model(
-            "EfficientNetB0", num_classes=len(train.class_names), input_shape=(size, size, 3),
+            args.base, num_classes=len(train.class_names), input_shape=(size, size, 3),
             weights=None if args.smoke else "imagenet")
         # The training images are augmented: phase 1 cannot train on cached features.
         result = tlkeras.fine_tune(model, train, val, head_epochs=epochs, fine_tune_epochs=epochs,
@@ -38,7 +40,8 @@ def main(argv=None):
                                         formats=("keras",) if args.smoke else ("keras", "tflite"),
                                         class_names=train.class_names, representative_data=val)
     print(f"validation accuracy {report.metrics['accuracy']:.3f}; exported {exported.paths}")
-    return {"accuracy": report.metrics["accuracy"], "paths": exported.paths, "log_dir": out}
+    return {"accuracy": report.metrics["accuracy"], "paths": exported.paths, "log_dir": out,
+            "model": model}
 
 
 if __name__ == "__main__":

@@ -182,42 +182,36 @@ def test_fine_tune_options_reach_the_run_folder_and_tta_evaluates(work, capsys, 
         assert by_tta.probabilities.max() == pytest.approx(mistake["confidence"], abs=1e-5)
 
 
-def test_assert_accuracy_fails_and_exports_nothing(work):
-    result = run("train", "--image_dir", "hard", *TRAIN, "--head_epochs", "1",
-                 "--fine_tune_epochs", "0", "--validation_split", "0.5",
-                 "--assert_accuracy_at_least", "0.99", "--run_dir", "run3",
-                 "--saved_model_dir", "out3/sm", "--tflite_output_file", "out3/model.tflite",
-                 "--labels_output_file", "out3/labels.txt", cwd=work, check=False)
-    assert result.returncode == 1
-    assert_one_error_line(result.stderr, "below --assert_accuracy_at_least 0.99",
+def test_assert_accuracy_fails_and_exports_nothing(work, capsys, monkeypatch):
+    monkeypatch.chdir(work)
+    status = cli.main(["train", "--image_dir", "hard", *TRAIN, "--head_epochs", "1",
+                       "--fine_tune_epochs", "0", "--validation_split", "0.5",
+                       "--assert_accuracy_at_least", "0.99", "--run_dir", "run3",
+                       "--saved_model_dir", "out3/sm", "--tflite_output_file", "out3/model.tflite",
+                       "--labels_output_file", "out3/labels.txt"])
+    assert status == 1
+    assert_one_error_line(capsys.readouterr().err, "below --assert_accuracy_at_least 0.99",
                           "nothing was exported")
     assert not (work / "out3").exists()
 
 
 def test_user_errors_print_one_line(work):
-    """Bad flags and paths, in subprocesses started together."""
-    cases = [
-        (["train", "--image_dir", "easy", "--head_epochs", "two"], 2,
-         "argument --head_epochs: expected an integer, received 'two'"),
-        (["train", "--image_dir", "no/such/folder"], 2, "argument --image_dir: no such folder"),
-        (["train", "--image_dir", "easy", "--base", "MobileNetV2", "--image_size", "32",
-          "--head_epochs", "1"], 1, "Could not download ImageNet weights for MobileNetV2"),
-    ]
+    """A failed download, in a subprocess (bad flags and paths: test_user_errors_in_process)."""
     # Offline: no Keras cache and an unreachable proxy, so the weights download fails at once.
     env = {"KERAS_HOME": str(work / "empty_keras_home"), "HTTPS_PROXY": "http://127.0.0.1:9",
            "https_proxy": "http://127.0.0.1:9"}
-    processes = [subprocess.Popen([TLKERAS, *argv], cwd=work, env={**os.environ, **env},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for argv, _, _ in cases]
-    for process, (argv, status, fragment) in zip(processes, cases):
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == status, (argv, stderr)
-        line = assert_one_error_line(stderr, fragment)
-        if status == 1:
-            assert "--weights PATH" in line  # says what to do offline
+    result = run("train", "--image_dir", "easy", "--base", "MobileNetV2", "--image_size", "32",
+                 "--head_epochs", "1", cwd=work, env=env, check=False)
+    assert result.returncode == 1, result.stderr
+    line = assert_one_error_line(result.stderr,
+                                 "Could not download ImageNet weights for MobileNetV2")
+    assert "--weights PATH" in line  # says what to do offline
 
 
 @pytest.mark.parametrize("argv, status, fragment", [
+    (["train", "--image_dir", "easy", "--head_epochs", "two"], 2,
+     "argument --head_epochs: expected an integer, received 'two'"),
+    (["train", "--image_dir", "no/such/folder"], 2, "argument --image_dir: no such folder"),
     (["train", "--image_dir", "easy", "--csv", "x.csv"], 2, "argument --csv: no such file"),
     (["train", "--image_dir", "easy", "--tfds", "mnist"], 2, "exactly one data source"),
     (["train", "--image_dir", "easy", "--base", "MobilNetV2"], 2, "did you mean MobileNetV2?"),
