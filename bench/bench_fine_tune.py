@@ -163,8 +163,10 @@ def recipes(train, test, size, epochs, only=None, seed=0, extra=()):
         ("Keras guide, BatchNorm frozen by hand", lambda: guide(train, test, size, epochs, True)),
     ]
     for name, options in [
-        ("fine_tune, previous defaults (unfreeze='all')", dict(unfreeze="all", head_acc=True)),
-        ("fine_tune unfreeze=2 (cut-point cache)", dict(unfreeze=2, head_acc=True)),
+        ("fine_tune unfreeze='all', lr head/20", dict(unfreeze="all", head_acc=True,
+                                                     fine_tune_learning_rate=5e-5)),
+        ("fine_tune unfreeze=2 (cut-point cache)", dict(unfreeze=2, head_acc=True,
+                                                        fine_tune_learning_rate=5e-5)),
         ("  + layer_decay=0.7", dict(unfreeze=2, layer_decay=0.7)),
         ("  + gradual_unfreeze=1", dict(unfreeze=2, gradual_unfreeze=1)),
         ("  + ema=True", dict(unfreeze=2, ema=True)),
@@ -172,6 +174,7 @@ def recipes(train, test, size, epochs, only=None, seed=0, extra=()):
         ("  + mix='mixup' (no cut-point cache)", dict(unfreeze=2, mix="mixup")),
         ("fine_tune unfreeze=3 (cut-point cache)", dict(unfreeze=3)),
         ("fine_tune unfreeze=4 (cut-point cache)", dict(unfreeze=4)),
+        ("fine_tune defaults (unfreeze=2, lr head/5)", dict(head_acc=True)),
         *[(f"fine_tune {' '.join(k)}", _options(k)) for k in extra],
     ]:
         rows.append((name, lambda o=options: kit(train, test, size, epochs, seed=seed, **o)))
@@ -265,7 +268,7 @@ def main():
     parser.add_argument("--task", default="fashion", choices=["fashion", "digits"])
     parser.add_argument("--seeds", default="0", help="recipes: one run per seed (data and model)")
     parser.add_argument("--kit", action="append", default=[], help="recipes: one more fine_tune "
-                        "row with these options (rows 12..), e.g. 'unfreeze=2 layer_decay=0.7'")
+                        "row with these options (rows 13..), e.g. 'unfreeze=2 layer_decay=0.7'")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     tf.get_logger().setLevel("ERROR")

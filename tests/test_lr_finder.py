@@ -41,7 +41,8 @@ def test_lr_find_restores_everything_and_its_suggestions_train_both_phases(pretr
 
     # The suggestions train a real small task: digits 5-7 on a base pretrained on digits 0-4.
     fresh = tlkeras.build_transfer_model(keras.saving.load_model(pretrained_base), 3)
-    run = tlkeras.fine_tune(fresh, train, head_epochs=3, fine_tune_epochs=2, learning_rate="find",
+    run = tlkeras.fine_tune(fresh, train, head_epochs=3, fine_tune_epochs=2, unfreeze="all",
+                            learning_rate="find",
                             fine_tune_learning_rate="find", log_dir=tmp_path / "run", seed=0,
                             verbose=0)
     loss = run.history["loss"]

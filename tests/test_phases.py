@@ -31,3 +31,15 @@ def test_sizes_of_a_pipeline_of_unknown_length():
     assert phases.steps_per_epoch(data) == 5 and phases.batch_size(data) == 8
     with pytest.raises(ValueError, match="empty"):
         phases.batch_size(data.take(0))
+
+
+def test_one_default_depth_for_fine_tune_lr_find_and_the_command_line():
+    import inspect
+
+    import tlkeras
+    from tlkeras import cli
+
+    assert inspect.signature(tlkeras.fine_tune).parameters["unfreeze"].default == phases.UNFREEZE
+    assert inspect.signature(tlkeras.lr_find).parameters["unfreeze"].default == phases.UNFREEZE
+    parser, commands = cli.build_parser()
+    assert parser.parse_args(["train", "--image_dir", "data"]).unfreeze == phases.UNFREEZE

@@ -249,15 +249,17 @@ def build_parser():
     )
     g.add_argument("--fine_tune_epochs", type=_number(int, 0), default=5,
                    help="epochs of phase 2 (the unfrozen base)")
-    g.add_argument("--unfreeze", type=_depth, default="all",
-                   help="phase 2 unfreezes this many blocks (or layers) of the base, or 'all'")
+    # 2: tlkeras.phases.UNFREEZE, written out since the parser starts without importing TensorFlow
+    g.add_argument("--unfreeze", type=_depth, default=2,
+                   help="phase 2 unfreezes this many blocks (or layers) of the base, or 'all' "
+                   "(default 2)")
     g.add_argument("--unfreeze_unit", choices=("blocks", "layers"), default="blocks")
     g.add_argument("--head_learning_rate", "--learning_rate", dest="learning_rate",
                    type=_rate_or_find, default=1e-3,
                    help="phase 1 learning rate, or 'find' (tlkeras.lr_find's suggestion); "
                    "--learning_rate: its old name")
     g.add_argument("--fine_tune_learning_rate", type=_rate_or_find,
-                   help="phase 2 peak learning rate, or 'find' (default: head_learning_rate / 20)")
+                   help="phase 2 peak learning rate, or 'find' (default: head_learning_rate / 5)")
     g.add_argument("--layer_decay", type=_number(float, 0, 1, low_open=True), metavar="FACTOR",
                    help="phase 2: each unfrozen block down from the head trains at FACTOR times "
                    "the learning rate of the one above")

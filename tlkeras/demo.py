@@ -172,7 +172,7 @@ def run_demo(run_dir="runs/demo", *, quick=False, budgets=None, seeds=None, verb
                     keras.saving.load_model(base_path), num_classes=5, weights=None)
                 tlkeras.fine_tune(
                     model, tlkeras.data.from_arrays(xs, ys, batch_size=BATCH_SIZE, seed=seed), val,
-                    head_epochs=5, fine_tune_epochs=6, head_learning_rate=1e-2,
+                    head_epochs=5, fine_tune_epochs=6, unfreeze="all", head_learning_rate=1e-2,
                     fine_tune_learning_rate=3e-3, layer_decay=0.7,
                     tensorboard={"hparams": {"method": "transfer", **hparams},
                                  "every_n_epochs": 5, "num_images": 0},

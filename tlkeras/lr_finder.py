@@ -31,7 +31,7 @@ import os
 import keras
 import numpy as np
 
-from tlkeras import models
+from tlkeras import models, phases
 from tlkeras.phases import loss_and_metrics, make_optimizer
 from tlkeras.plots import _figure, save_figure
 
@@ -50,7 +50,7 @@ class LRFindResult:
     log_dir: str | None = None
 
 
-def lr_find(model, train_data, *, phase="head", unfreeze="all", unfreeze_unit="blocks",
+def lr_find(model, train_data, *, phase="head", unfreeze=phases.UNFREEZE, unfreeze_unit="blocks",
             optimizer="adam", start_lr=1e-7, end_lr=10.0, steps=100, label_smoothing=0.0,
             log_dir=None, verbose=0):
     """Sweeps the learning rate exponentially over `steps` steps; returns an `LRFindResult`.
