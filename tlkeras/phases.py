@@ -29,8 +29,8 @@ __all__ = ["batch_size", "compile_for_task", "fine_tune_schedule", "loss_and_met
 
 WARMUP_FRACTION_MAX = 0.1  # the warm-up never takes more than this share of a phase
 # Phase 2's default depth, in blocks (`fine_tune`, `lr_find`, `tlkeras train`): on the measured
-# task the top two blocks beat the Keras guide in about a quarter of its time, while unfreezing the
-# whole base costs 0.9x the guide's time for +0.05 accuracy (bench/RESULTS.md, issue 12).
+# tasks the top two blocks beat the Keras guide in a fifth of its CPU time, while unfreezing the
+# whole base costs 0.8-0.9x the guide's time for +0.02-0.07 accuracy (bench/RESULTS.md, issue 12).
 UNFREEZE = 2
 
 

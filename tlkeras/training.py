@@ -125,9 +125,9 @@ def fine_tune(
         validation_data: the same for validation; monitored by checkpoints.
         head_epochs, fine_tune_epochs: epochs of each phase (either may be 0).
         unfreeze: depth for phase 2, an int or `"all"` (default 2: the top two
-            blocks, which with the cut-point cache costs about a quarter of
-            unfreezing everything; `"all"` is the Keras guide's depth, a few
-            points more accurate on the measured task at 3-4x the time).
+            blocks, which with the cut-point cache cost about a fifth of
+            unfreezing everything; `"all"` is the Keras guide's depth, 0.02-0.07
+            more accurate on the measured tasks at 4-5x the time).
         unfreeze_unit: `"blocks"` (the architecture's own blocks) or `"layers"`.
         head_learning_rate: phase 1 learning rate (default 1e-3, Adam's usual), or
             `"find"`: `tlkeras.lr_find`'s suggestion with the base frozen.
