@@ -13,6 +13,7 @@ Part "whole": whole fine_tune calls (cache_epochs + cache_epochs epochs), to com
 """
 
 import argparse
+import ast
 import contextlib
 import os
 import sys
@@ -204,8 +205,6 @@ def recipes(train, test, size, epochs, only=None, seed=0, extra=()):
 
 def _options(words):
     """`["unfreeze=2", "fine_tune_learning_rate=1e-4"]` -> fine_tune keyword arguments."""
-    import ast
-
     return {k: ast.literal_eval(v) for k, v in (w.split("=", 1) for w in words)}
 
 

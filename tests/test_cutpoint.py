@@ -109,3 +109,22 @@ def test_cached_top_computes_pointwise_convolutions_as_matmuls_with_the_same_gra
     for start, a, b in zip(before, full.trainable_weights, cached.trainable_weights):
         assert np.abs(a.numpy() - start).max() > 1e-4  # the step moved every weight ...
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)  # ... alike
+
+
+def test_features_and_cuts_match_their_single_passes_and_keep_to_the_budget():
+    x, y = digits_rgb(32, classes=[5, 6, 7])
+    # A filter leaves the length unknown (cardinality -2): the budget must count the batches.
+    data = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).filter(
+        lambda image, label: True).batch(16)
+    assert int(data.cardinality()) < 0
+    keras.utils.set_random_seed(0)
+    model = tlkeras.build_transfer_model(tiny_base(), 3)
+    bottoms, [(pooled, cuts)] = cutpoint.features_and_cuts(model, [data], [1])
+    np.testing.assert_allclose(pooled.features, tlkeras.extract_features(model, data, verbose=0)
+                               .features, rtol=1e-5, atol=1e-6)
+    single = cutpoint.cut_activations(bottoms[1], data, verbose=0)
+    np.testing.assert_array_equal(cuts[1].activations, single.activations)
+    per_image = 2 * int(np.prod(bottoms[1].output.shape[1:]))  # float16
+    kept, _ = cutpoint.features_and_cuts(model, [data], [1], budget_bytes=64 * per_image)
+    over, _ = cutpoint.features_and_cuts(model, [data], [1], budget_bytes=64 * per_image - 1)
+    assert list(kept) == [1] and not over

@@ -44,7 +44,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import anatomy, features, models
+from tlkeras import anatomy, atomic, features, models, phases
 from tlkeras.layers import InferenceMode
 
 logger = logging.getLogger("tlkeras")
@@ -217,7 +217,7 @@ def features_and_cuts(model, datasets, depths, unit="blocks", *, budget_bytes=DE
     `bottom`; `results` holds, per dataset, `(FeatureSet, {depth: CutActivations})`.
     """
     base = models.get_base(model)
-    samples = max(int(d.cardinality()) * int(next(iter(d))[0].shape[0]) for d in datasets)
+    samples = max(phases.steps_per_epoch(d) * phases.batch_size(d) for d in datasets)
     bottoms, size = {}, 0
     for depth in sorted({d for d in depths if isinstance(d, int) and d > 0}):
         parts = split_at(model, depth, unit)
@@ -277,12 +277,9 @@ def _run(step, dataset, per_sample, budget_bytes, verbose):
 
 def save(cached):
     """Writes `cached` to its `cache_path` (atomically) when it has one; returns it."""
-    path = cached.cache_path
-    if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, activations=cached.activations, labels=cached.labels)
-        os.replace(tmp, path)
+    if cached.cache_path:
+        with atomic.path(cached.cache_path) as tmp:
+            np.savez(tmp, activations=cached.activations, labels=cached.labels)
     return cached
 
 

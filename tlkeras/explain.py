@@ -40,7 +40,7 @@ import tensorflow as tf
 from tlkeras.export import run_tflite
 from tlkeras.anatomy import PREPROCESSING
 from tlkeras.layers import InferenceMode
-from tlkeras.models import get_base
+from tlkeras.models import _all_sublayers, get_base
 
 __all__ = ["Explanation", "RandomizationCheck", "explain", "explain_check", "METHODS"]
 
@@ -426,7 +426,7 @@ def _gradcam_pass(model, layer_name):
             score = _score(outputs, classes)
         return activations, outputs, classes, tape.gradient(score, activations)
 
-    if not any(getattr(l, "groups", 1) > 1 for l in model._flatten_layers()):
+    if not any(getattr(l, "groups", 1) > 1 for l in _all_sublayers(model)):
         return name, gradcam_pass
     _GRADCAM.setdefault(model, {})[layer_name] = name, tf.function(gradcam_pass,
                                                                   reduce_retracing=True)
@@ -450,13 +450,12 @@ def _gradcam(model, images, class_index, layer_name, plus):
             f"explain(method='gradcam'): expected a keras.Model, received "
             f"{type(model).__name__}; use method='occlusion' for other models."
         )
-    width = max(model.outputs[0].shape[-1] or 2, 2)
     name, gradcam_pass = _gradcam_pass(model, layer_name)
     maps, probabilities, explained = [], [], []
     for start in range(0, len(images), 16):
         x = tf.constant(images[start:start + 16], tf.float32)
-        wanted = (np.full(len(x), -1) if class_index is None else
-                  _classes(np.zeros((len(x), width), "float32"), class_index, start, len(x)))
+        wanted = (np.full(len(x), -1) if class_index is None else  # -1: the predicted class
+                  _requested(class_index, start, len(x), model.outputs[0].shape[-1]))
         activations, outputs, classes, grads = gradcam_pass(x, tf.constant(wanted, tf.int32))
         classes = classes.numpy().astype(int)
         grads = tf.cast(grads, tf.float32)
@@ -755,11 +754,17 @@ def _predicted(probabilities):
 def _classes(probabilities, class_index, start, count):
     if class_index is None:
         return _predicted(probabilities)
+    return _requested(class_index, start, count, probabilities.shape[-1])
+
+
+def _requested(class_index, start, count, outputs):
+    """`class_index` (an int, or one per input) for inputs `start`..`start + count`, checked
+    against a model with `outputs` outputs (a single sigmoid explains classes 0 and 1)."""
     if np.ndim(class_index) == 0:
         classes = np.full(count, int(class_index))
     else:
         classes = np.asarray(class_index, dtype=int)[start:start + count]
-    width = max(probabilities.shape[-1], 2)
+    width = max(outputs or 2, 2)
     if classes.min() < 0 or classes.max() >= width:
         raise ValueError(
             f"explain(): class_index must be in [0, {width}), received {class_index!r}."

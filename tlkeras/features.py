@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import anatomy
+from tlkeras import anatomy, atomic
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def extract_features(model_or_base, dataset, *, cache_dir=None, key=None, verbos
     extractor = _extractor(model_or_base)
     path = None
     if cache_dir is not None:
-        path = os.path.join(os.fspath(cache_dir), _cache_key(extractor, dataset, key) + ".npz")
+        path = _path(extractor, dataset, cache_dir, key)
         if os.path.exists(path):
             with np.load(path, allow_pickle=False) as f:
                 labels = f["labels"] if "labels" in f.files else None
@@ -175,18 +175,30 @@ def extract_features(model_or_base, dataset, *, cache_dir=None, key=None, verbos
         bar.update(i + 1)
     if not feats:
         raise ValueError("extract_features: the dataset is empty.")
-    out = FeatureSet(tf.concat(feats, 0).numpy(), np.concatenate(labels) if labels else None,
-                     path)
+    return save(FeatureSet(tf.concat(feats, 0).numpy(),
+                           np.concatenate(labels) if labels else None, path))
+
+
+def cache_path(model_or_base, dataset, cache_dir, key=None):
+    """Where `extract_features(model_or_base, dataset, cache_dir=..., key=...)` keeps its file."""
+    return _path(_extractor(model_or_base), dataset, cache_dir, key)
+
+
+def _path(extractor, dataset, cache_dir, key):
+    return os.path.join(os.fspath(cache_dir), _cache_key(extractor, dataset, key) + ".npz")
+
+
+def save(feature_set):
+    """Writes `feature_set` to its `cache_path` (atomically) when it has one; returns it."""
+    path = feature_set.cache_path
     if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
-        arrays = {"features": out.features}
-        if out.labels is not None:
-            arrays["labels"] = out.labels
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        logger.info("Saved %d features to %s", len(out), path)
-    return out
+        arrays = {"features": feature_set.features}
+        if feature_set.labels is not None:
+            arrays["labels"] = feature_set.labels
+        with atomic.path(path) as tmp:
+            np.savez(tmp, **arrays)
+        logger.info("Saved %d features to %s", len(feature_set), path)
+    return feature_set
 
 
 def features_dataset(features, labels=None, *, batch_size=32, shuffle=True, seed=None):

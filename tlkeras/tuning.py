@@ -104,7 +104,8 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import anatomy, cutpoint, deprecation, features, models, phases, validation
+from tlkeras import (anatomy, atomic, cutpoint, deprecation, features, models, phases,
+                     validation)
 from tlkeras import augmentation as augmentation_module  # `augmentation` is an argument
 from tlkeras import callbacks as tb
 from tlkeras.export import export_model
@@ -294,7 +295,9 @@ class TransferHyperModel(kt.HyperModel):
         self.head_epochs = head_epochs
         self.head_learning_rate = head_learning_rate
         self.seed = seed
-        self.search_space = search_space
+        # Today's key names once (old ones warn here, from the caller of tune).
+        self.search_space = (_new_keys(search_space) if isinstance(search_space, dict)
+                             else search_space)
         self.task = anatomy.infer_task(reference)
         self._head = anatomy.head_config(reference)  # trials keep it, but for the space's changes
         self._class, self._config = reference.__class__, reference.get_config()
@@ -334,7 +337,7 @@ class TransferHyperModel(kt.HyperModel):
                                                      default=1e-4),
                 "dropout": lambda hp: hp.Choice("dropout", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                                                 default=0.2),
-                **_new_keys(space or {}),
+                **(space or {}),
             }
             chosen = {}
             for key, spec in space.items():
@@ -474,10 +477,8 @@ class TransferHyperModel(kt.HyperModel):
                 epochs=self.head_epochs, verbose=verbose, shuffle=False)
             arrays = {f"{layer.name}/{i}": w for layer in _head_layers(phase1)
                       for i, w in enumerate(layer.get_weights())}
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            with atomic.path(path) as tmp:
+                np.savez(tmp, **arrays)
             self.heads_trained += 1
         with np.load(path) as saved:
             for layer in _head_layers(model):
@@ -486,28 +487,24 @@ class TransferHyperModel(kt.HyperModel):
     def _cached_features(self, model, train, val, verbose):
         if self._features is None:
             cache = os.path.join(self.project_dir, "features")
-            data = [(f"{key}-{int(d.cardinality())}", d) for key, d in
+            data = [(d, f"{key}-{int(d.cardinality())}") for key, d in
                     (("train", train), ("validation", val))]
-            extractor = anatomy.feature_extractor(model)
-            paths = [os.path.join(cache, features._cache_key(extractor, d, key) + ".npz")
-                     for key, d in data]
-            if self._caching(model) and not all(map(os.path.exists, paths)):
+            paths = [features.cache_path(model, d, cache, key) for d, key in data]
+            missing = sum(not os.path.exists(path) for path in paths)
+            if self._caching(model) and missing:  # one pass over each dataset, both redone
                 self._features = self._features_and_cuts(model, train, val, paths, verbose)
-                return self._features
-            sets = []
-            for key, d in data:
-                before = set(glob.glob(os.path.join(cache, "*.npz")))
-                sets.append(features.extract_features(model, d, cache_dir=cache, key=key,
-                                                      verbose=verbose))
-                self.feature_extractions += sets[-1].cache_path not in before
-            self._features = tuple(sets)
+                missing = len(paths)
+            else:
+                self._features = tuple(features.extract_features(
+                    model, d, cache_dir=cache, key=key, verbose=verbose) for d, key in data)
+            self.feature_extractions += missing
         return self._features
 
     def _features_and_cuts(self, model, train, val, paths, verbose):
         """One pass of the base per dataset: the features, and the cut activations of the
         search space's depths saved where each trial's phase 2 looks for them."""
         space = self.search_space if isinstance(self.search_space, dict) else {}
-        depths = space.get("unfreeze", space.get("unfreeze_depth", self.depths))
+        depths = space.get("unfreeze", self.depths)
         depths = depths if isinstance(depths, (list, tuple)) else [depths]
         bottoms, results = cutpoint.features_and_cuts(model, [train, val], depths, "blocks",
                                                       verbose=verbose)
@@ -517,12 +514,7 @@ class TransferHyperModel(kt.HyperModel):
             for depth, cut in cuts.items():
                 cut.cache_path = cutpoint.cache_path(bottoms[depth], data, self._cut_dir(), key)
                 cutpoint.save(cut)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, features=pooled.features, labels=pooled.labels)
-            os.replace(tmp, path)
-            sets.append(features.FeatureSet(pooled.features, pooled.labels, path))
-        self.feature_extractions += 2
+            sets.append(features.save(features.FeatureSet(pooled.features, pooled.labels, path)))
         self.cuts_with_features += len(bottoms)
         return tuple(sets)
 
